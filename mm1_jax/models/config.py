@@ -1,0 +1,294 @@
+"""Typed model configuration, built from an ml_collections ConfigDict.
+
+Experiment files (configs/*.py) describe the model as nested ConfigDicts;
+`MM1Config.from_dict` turns them into these frozen dataclasses and
+`validate` checks them before any module is built, so a bad value fails with
+a message that names the field instead of a shape error deep inside jit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+# CLIP's normalisation constants (OpenAI); ImageNet's are used by DINOv2.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu", "relu")
+CONNECTOR_KINDS = ("c_abstractor", "avg_pool", "attn_pool", "mlp")
+MOE_DISPATCH = ("dropless", "capacity")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A configuration value that cannot work; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VitConfig:
+  """A CLIP-style ViT. Defaults: ViT-H/14 at 378px (MM1's final encoder)."""
+  image_size: int = 378
+  patch_size: int = 14
+  width: int = 1280
+  depth: int = 32
+  num_heads: int = 16
+  mlp_dim: int = 5120
+  activation: str = "gelu"
+  class_token: bool = True
+  patch_bias: bool = False  # CLIP's patch conv has no bias; SigLIP/DINOv2's do.
+  pre_norm: bool = True  # CLIP's ln_pre after the embeddings.
+  final_norm: bool = False  # SigLIP / DINOv2 normalise the last hidden state.
+  layer_scale_init: float | None = None  # DINOv2's LayerScale, e.g. 1.0.
+  norm_eps: float = 1e-5
+  # Side of the position-embedding grid the weights were trained for; the
+  # embeddings are bicubically resized when image_size // patch_size differs.
+  # None means "trained at this resolution".
+  pos_grid_size: int | None = None
+  # Which block's output feeds the connector: -1 = the last block (then the
+  # final norm, if any, is applied), -2 = the one before (LLaVA's choice), ...
+  # Blocks after the chosen one are not built: they would be dead compute.
+  feature_layer: int = -1
+  image_mean: tuple[float, float, float] = CLIP_MEAN
+  image_std: tuple[float, float, float] = CLIP_STD
+  remat_policy: str = "none"
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid_size**2
+
+  @property
+  def trained_grid_size(self) -> int:
+    return self.pos_grid_size or self.grid_size
+
+  @property
+  def num_layers_built(self) -> int:
+    return self.depth + self.feature_layer + 1 if self.feature_layer < 0 else self.feature_layer + 1
+
+  @property
+  def uses_final_norm(self) -> bool:
+    return self.final_norm and self.num_layers_built == self.depth
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectorConfig:
+  """Maps [B, L, Dv] patch features to [B, num_image_tokens, D_llm]."""
+  kind: str = "c_abstractor"
+  num_image_tokens: int = 144
+  hidden_dim: int = 1024  # C-Abstractor width (Honeybee's default).
+  depth: int = 3  # RegStage blocks before and after the pooling.
+  mlp_depth: int = 2  # Readout MLP layers.
+  num_heads: int = 8  # Attention pooling.
+  se_ratio: float = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+  """Mixture-of-experts FFN. num_experts == 0 means a dense model."""
+  num_experts: int = 0
+  num_experts_per_token: int = 2
+  # An MoE FFN replaces the dense FFN of every `moe_every`-th layer (the last
+  # layer of each block of moe_every layers); 1 = every layer (Mixtral).
+  moe_every: int = 2
+  dispatch: str = "dropless"
+  capacity_factor: float = 1.25
+  expert_mlp_dim: int | None = None  # None: the decoder's mlp_dim.
+  balance_loss_weight: float = 0.01
+  router_z_loss_weight: float = 0.001
+
+  @property
+  def enabled(self) -> bool:
+    return self.num_experts > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """A Llama-style decoder-only LLM."""
+  vocab_size: int = 100_352
+  width: int = 3072
+  depth: int = 26
+  num_heads: int = 24
+  num_kv_heads: int = 8
+  head_dim: int | None = None  # None: width // num_heads.
+  mlp_dim: int = 8192
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
+  remat_policy: str = "none"
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.width // self.num_heads
+
+  @property
+  def layers_per_block(self) -> int:
+    """Layers scanned together: one dense layer, or moe_every layers."""
+    return self.moe.moe_every if self.moe.enabled else 1
+
+  @property
+  def num_blocks(self) -> int:
+    return self.depth // self.layers_per_block
+
+  @property
+  def expert_mlp_dim(self) -> int:
+    return self.moe.expert_mlp_dim or self.mlp_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class MM1Config:
+  """The multimodal model: encoder -> connector -> tokens spliced into the LLM."""
+  encoder: VitConfig = dataclasses.field(default_factory=VitConfig)
+  connector: ConnectorConfig = dataclasses.field(default_factory=ConnectorConfig)
+  llm: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
+  image_placeholder_id: int = 3
+  max_images: int = 16
+  freeze_encoder: bool = False
+  freeze_llm: bool = False
+  dtype: str = "bfloat16"  # Compute dtype.
+  param_dtype: str = "float32"
+
+  @property
+  def num_image_tokens(self) -> int:
+    return self.connector.num_image_tokens
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "MM1Config":
+    """Builds and validates a config from a (nested) dict or ConfigDict."""
+    config = _from_dict(cls, _to_plain_dict(values), "model")
+    validate(config)
+    return config
+
+  def replace(self, **changes) -> "MM1Config":
+    return dataclasses.replace(self, **changes)
+
+
+def _to_plain_dict(values: Any) -> Any:
+  if hasattr(values, "to_dict"):
+    values = values.to_dict()
+  if isinstance(values, Mapping):
+    return {k: _to_plain_dict(v) for k, v in values.items()}
+  return values
+
+
+def _from_dict(cls, values: Mapping[str, Any], path: str):
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - set(fields))
+  if unknown:
+    raise ConfigError(
+        f"Unknown field(s) {', '.join(f'{path}.{u}' for u in unknown)}; "
+        f"{path} accepts: {', '.join(sorted(fields))}.")
+  kwargs = {}
+  for name, value in values.items():
+    nested = _NESTED.get((cls, name))
+    if nested is not None:
+      kwargs[name] = _from_dict(nested, value, f"{path}.{name}")
+    elif isinstance(value, list):
+      kwargs[name] = tuple(value)
+    else:
+      kwargs[name] = value
+  return cls(**kwargs)
+
+
+_NESTED = {
+    (MM1Config, "encoder"): VitConfig,
+    (MM1Config, "connector"): ConnectorConfig,
+    (MM1Config, "llm"): DecoderConfig,
+    (DecoderConfig, "moe"): MoeConfig,
+}
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+  if not ok:
+    raise ConfigError(f"{field}: {message}")
+
+
+def _is_square(n: int) -> bool:
+  return n > 0 and math.isqrt(n) ** 2 == n
+
+
+def validate_vit(config: VitConfig, path: str = "encoder") -> None:
+  c = config
+  _require(c.image_size % c.patch_size == 0, f"{path}.patch_size",
+           f"patch_size {c.patch_size} does not divide image_size {c.image_size}; "
+           "choose an image_size that is a multiple of the patch size.")
+  _require(c.width % c.num_heads == 0, f"{path}.width",
+           f"width {c.width} is not divisible by num_heads {c.num_heads}.")
+  _require(c.activation in ACTIVATIONS, f"{path}.activation",
+           f"unknown activation {c.activation!r}; use one of {ACTIVATIONS}.")
+  _require(-c.depth <= c.feature_layer < c.depth, f"{path}.feature_layer",
+           f"feature_layer {c.feature_layer} is outside [-{c.depth}, {c.depth - 1}] "
+           f"for a ViT of depth {c.depth}.")
+  _require(c.remat_policy in REMAT_POLICIES, f"{path}.remat_policy",
+           f"unknown remat policy {c.remat_policy!r}; use one of {REMAT_POLICIES}.")
+  _require(len(c.image_mean) == 3 and len(c.image_std) == 3, f"{path}.image_mean",
+           "image_mean and image_std need three (RGB) values each.")
+
+
+def validate_connector(config: ConnectorConfig, vit: VitConfig, path: str = "connector") -> None:
+  c = config
+  _require(c.kind in CONNECTOR_KINDS, f"{path}.kind",
+           f"unknown connector {c.kind!r}; use one of {CONNECTOR_KINDS}.")
+  if c.kind in ("c_abstractor", "avg_pool"):
+    _require(_is_square(c.num_image_tokens), f"{path}.num_image_tokens",
+             f"{c.kind} pools to a square grid, so num_image_tokens must be a "
+             f"perfect square (64, 144, 256, ...), got {c.num_image_tokens}.")
+    _require(math.isqrt(c.num_image_tokens) <= vit.grid_size, f"{path}.num_image_tokens",
+             f"{c.num_image_tokens} tokens need a {math.isqrt(c.num_image_tokens)}-wide grid "
+             f"but the encoder gives only {vit.grid_size}x{vit.grid_size} patches.")
+  if c.kind == "mlp":
+    _require(c.num_image_tokens == vit.num_patches, f"{path}.num_image_tokens",
+             f"the MLP connector keeps every patch, so num_image_tokens must equal the "
+             f"encoder's {vit.num_patches} patches, got {c.num_image_tokens}.")
+  if c.kind == "attn_pool":
+    _require(vit.width % c.num_heads == 0, f"{path}.num_heads",
+             f"encoder width {vit.width} is not divisible by num_heads {c.num_heads}.")
+  _require(c.num_image_tokens > 0, f"{path}.num_image_tokens", "must be positive.")
+  _require(c.mlp_depth >= 1, f"{path}.mlp_depth", f"must be >= 1, got {c.mlp_depth}.")
+
+
+def validate_decoder(config: DecoderConfig, path: str = "llm") -> None:
+  c = config
+  if c.head_dim is None:
+    _require(c.width % c.num_heads == 0, f"{path}.width",
+             f"width {c.width} is not divisible by num_heads {c.num_heads}; "
+             "change one of them or set head_dim explicitly.")
+  _require(c.num_kv_heads > 0 and c.num_heads % c.num_kv_heads == 0, f"{path}.num_kv_heads",
+           f"num_kv_heads {c.num_kv_heads} does not divide num_heads {c.num_heads}.")
+  _require(c.resolved_head_dim % 2 == 0, f"{path}.head_dim",
+           f"RoPE needs an even head_dim, got {c.resolved_head_dim}.")
+  _require(c.remat_policy in REMAT_POLICIES, f"{path}.remat_policy",
+           f"unknown remat policy {c.remat_policy!r}; use one of {REMAT_POLICIES}.")
+  moe = c.moe
+  if moe.enabled:
+    _require(1 <= moe.num_experts_per_token <= moe.num_experts, f"{path}.moe.num_experts_per_token",
+             f"top-k {moe.num_experts_per_token} must lie in [1, num_experts={moe.num_experts}].")
+    _require(moe.moe_every >= 1 and c.depth % moe.moe_every == 0, f"{path}.moe.moe_every",
+             f"depth {c.depth} is not a multiple of moe_every {moe.moe_every}; the layer "
+             "stack is scanned in blocks of moe_every layers.")
+    _require(moe.dispatch in MOE_DISPATCH, f"{path}.moe.dispatch",
+             f"unknown dispatch {moe.dispatch!r}; use one of {MOE_DISPATCH}.")
+    _require(moe.capacity_factor > 0, f"{path}.moe.capacity_factor",
+             f"must be positive, got {moe.capacity_factor}.")
+
+
+def validate(config: MM1Config) -> None:
+  """Raises ConfigError naming the first field that cannot work."""
+  validate_vit(config.encoder)
+  validate_connector(config.connector, config.encoder)
+  validate_decoder(config.llm)
+  _require(0 <= config.image_placeholder_id < config.llm.vocab_size, "model.image_placeholder_id",
+           f"{config.image_placeholder_id} is not a token id of a vocabulary of "
+           f"{config.llm.vocab_size}.")
+  _require(config.max_images >= 1, "model.max_images", f"must be >= 1, got {config.max_images}.")
+  for field in ("dtype", "param_dtype"):
+    value = getattr(config, field)
+    _require(value in DTYPES, f"model.{field}", f"unknown dtype {value!r}; use one of {DTYPES}.")
