@@ -119,6 +119,7 @@ class DecoderConfig:
   num_kv_heads: int = 8
   head_dim: int | None = None  # None: width // num_heads.
   mlp_dim: int = 8192
+  qkv_bias: bool = False  # Qwen2-style biases on the q/k/v projections.
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-5
   tie_embeddings: bool = False

@@ -25,7 +25,7 @@ def as_dtype(name: Dtype) -> jnp.dtype:
   return jnp.dtype(name)
 
 
-def dense(features: int | Sequence[int], axes: Sequence[str | None], *, name: str,
+def dense(features: int | Sequence[int], axes: Sequence[str | None], *, name: str | None = None,
           dtype: Dtype, param_dtype: Dtype, use_bias: bool = False,
           axis: int | Sequence[int] = -1,
           kernel_init: Callable = DEFAULT_KERNEL_INIT) -> nn.DenseGeneral:
