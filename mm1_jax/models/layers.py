@@ -18,28 +18,60 @@ from mm1_jax.sharding import constrain
 
 Dtype = jnp.dtype | str
 
+# Fan-in scaled truncated normal (for flax's own Conv, which sees true shapes).
 DEFAULT_KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-
 
 def as_dtype(name: Dtype) -> jnp.dtype:
   return jnp.dtype(name)
 
 
+class DenseGeneral(nn.Module):
+  """Linear map over the trailing `len(axis)` dims to `features` dims.
+
+  The kernel [*in_dims, *features] is created at its full shape, so its
+  logical axis names (one per kernel dim) hold from the first moment; flax's
+  DenseGeneral initialises a flattened kernel, which breaks that under a mesh.
+  """
+  features: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  axis: tuple[int, ...] = (-1,)
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Callable | None = None  # Default: fan-in scaled truncated normal.
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    axis = tuple(sorted(a % x.ndim for a in self.axis))
+    in_dims = tuple(x.shape[a] for a in axis)
+    num_in, num_out = len(in_dims), len(self.features)
+    init = self.kernel_init or nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=tuple(range(num_in)),
+        out_axis=tuple(range(num_in, num_in + num_out)))
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+                        in_dims + self.features, as_dtype(self.param_dtype))
+    dtype = as_dtype(self.dtype)
+    y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
+                            ((axis, tuple(range(num_in))), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, self.kernel_axes[num_in:]), self.features,
+                        as_dtype(self.param_dtype))
+      y = y + bias.astype(dtype)
+    return y
+
+
 def dense(features: int | Sequence[int], axes: Sequence[str | None], *, name: str | None = None,
           dtype: Dtype, param_dtype: Dtype, use_bias: bool = False,
-          axis: int | Sequence[int] = -1,
-          kernel_init: Callable = DEFAULT_KERNEL_INIT) -> nn.DenseGeneral:
+          axis: int | Sequence[int] = -1, kernel_init: Callable | None = None) -> DenseGeneral:
   """A DenseGeneral whose kernel carries logical axes `axes` (in dims + out dims).
 
   The bias, if any, takes the logical names of the output dims.
   """
   features = (features,) if isinstance(features, int) else tuple(features)
-  out_axes = tuple(axes[-len(features):])
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=use_bias, name=name,
-      dtype=as_dtype(dtype), param_dtype=as_dtype(param_dtype),
-      kernel_init=nn.with_logical_partitioning(kernel_init, tuple(axes)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, out_axes))
+  axis = (axis,) if isinstance(axis, int) else tuple(axis)
+  return DenseGeneral(features=features, kernel_axes=tuple(axes), axis=axis, use_bias=use_bias,
+                      dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, name=name)
 
 
 def layer_norm(*, name: str, eps: float, param_dtype: Dtype, use_bias: bool = True) -> nn.LayerNorm:

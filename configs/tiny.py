@@ -1,0 +1,25 @@
+"""Tiny MM1 that runs in seconds on a laptop CPU: ViT + C-Abstractor + LLM.
+
+64px images (the bundled easy-vqa size), patch 8 -> 8x8 patches pooled to
+16 image tokens; a 4-layer LLM of width 128. `--config=configs/tiny.py:dense`
+gives the dense LLM; the default is MoE (8 experts, top-2, every 2nd layer).
+Float32: bfloat16 matmuls are slow on CPUs.
+"""
+
+from mm1_jax import config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, dense=False, moe=False, dispatch="dropless")
+  config = config_lib.base_config()
+  model = config.model
+  model.update(dtype="float32", param_dtype="float32", max_images=4, image_placeholder_id=3)
+  model.encoder.update(image_size=64, patch_size=8, width=64, depth=2, num_heads=4,
+                       mlp_dim=128)
+  model.connector.update(kind="c_abstractor", num_image_tokens=16, hidden_dim=64, depth=1)
+  model.llm.update(vocab_size=4096, width=128, depth=4, num_heads=8, num_kv_heads=4,
+                   mlp_dim=256, rope_theta=10_000.0)
+  if not arg.dense:
+    model.llm.moe.update(num_experts=8, num_experts_per_token=2, moe_every=2,
+                         dispatch=arg.dispatch, capacity_factor=2.0)
+  return config

@@ -1,0 +1,1 @@
+"""Converters from external checkpoints to mm1_jax parameter trees."""

@@ -1,0 +1,134 @@
+"""The MM1 model: ViT -> connector -> image tokens spliced into the LLM.
+
+Text tokens carry, for each image, a run of `num_image_tokens` placeholder
+ids. The model encodes the image slots, maps them through the connector, and
+writes the k-th image's embeddings into the k-th placeholder run of its row
+(order of appearance), then runs the decoder over the mixed sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mm1_jax.models import layers
+from mm1_jax.models.config import MM1Config
+from mm1_jax.models.connectors import build_connector
+from mm1_jax.models.decoder import Decoder, moe_aux_loss
+from mm1_jax.models.vit import VisionTransformer, normalize_images
+from mm1_jax.sharding import constrain
+
+
+class PlaceholderMismatchError(ValueError):
+  """Placeholder runs in the tokens do not match the real images of a row."""
+
+
+def check_image_placeholders(tokens: Any, image_mask: Any, num_image_tokens: int,
+                             placeholder_id: int) -> None:
+  """Host-side check that every placeholder run matches a real image.
+
+  tokens: int [B, T]; image_mask: bool [B, max_images]. Per row: real image
+  slots come first (a prefix of the mask), every maximal run of placeholders
+  is a whole number of images, and there are exactly num_image_tokens per
+  real image. Raises PlaceholderMismatchError naming the row otherwise.
+  """
+  tokens, image_mask = np.asarray(tokens), np.asarray(image_mask, dtype=bool)
+  if tokens.shape[0] != image_mask.shape[0]:
+    raise PlaceholderMismatchError(f"tokens have batch {tokens.shape[0]} but image_mask has "
+                                   f"batch {image_mask.shape[0]}.")
+  for row, (row_tokens, row_mask) in enumerate(zip(tokens, image_mask)):
+    num_real = int(row_mask.sum())
+    if not row_mask[:num_real].all():
+      raise PlaceholderMismatchError(
+          f"row {row}: real images must fill the first image slots, got image_mask "
+          f"{row_mask.astype(int).tolist()}.")
+    is_placeholder = np.concatenate([[False], row_tokens == placeholder_id, [False]])
+    edges = np.flatnonzero(np.diff(is_placeholder.astype(np.int8)))
+    run_lengths = edges[1::2] - edges[::2]
+    bad = [int(n) for n in run_lengths if n % num_image_tokens]
+    if bad:
+      raise PlaceholderMismatchError(
+          f"row {row}: a run of {bad[0]} placeholder tokens is not a whole number of images "
+          f"({num_image_tokens} tokens each); an image was split or truncated.")
+    num_placeholder_images = int(run_lengths.sum()) // num_image_tokens
+    if num_placeholder_images != num_real:
+      raise PlaceholderMismatchError(
+          f"row {row}: the text has placeholders for {num_placeholder_images} image(s) but "
+          f"image_mask marks {num_real} real image(s).")
+
+
+def splice_image_embeddings(text_embeddings: jax.Array, tokens: jax.Array,
+                            image_embeddings: jax.Array, placeholder_id: int) -> jax.Array:
+  """Writes image embeddings over the placeholder positions, in order.
+
+  text_embeddings: [B, T, D]; tokens: int [B, T];
+  image_embeddings: [B, max_images, M, D]. The j-th placeholder of a row
+  takes token j % M of image j // M. Returns [B, T, D].
+  """
+  batch, num_images, num_image_tokens, width = image_embeddings.shape
+  is_placeholder = tokens == placeholder_id
+  rank = jnp.cumsum(is_placeholder, axis=1) - 1
+  rank = jnp.clip(rank, 0, num_images * num_image_tokens - 1)
+  flat = image_embeddings.reshape(batch, num_images * num_image_tokens, width)
+  gathered = jnp.take_along_axis(flat, rank[..., None], axis=1)
+  return jnp.where(is_placeholder[..., None], gathered.astype(text_embeddings.dtype),
+                   text_embeddings)
+
+
+def _frozen(module_cls, methods=("__call__",)):
+  """The module class with stop_gradient on its parameters (a frozen tower)."""
+  return nn.map_variables(module_cls, "params", trans_in_fn=jax.lax.stop_gradient,
+                          init=True, methods=list(methods))
+
+
+class MM1Model(nn.Module):
+  """Multimodal decoder.
+
+  __call__ inputs:
+    tokens: int [B, T] with placeholder runs for the images;
+    images: uint8 [B, max_images, H, W, 3], normalised on device;
+    image_mask: bool [B, max_images], True for real image slots (a prefix);
+    positions, segment_ids: int [B, T] (optional; for packed sequences).
+  Returns (logits float32 [B, T, vocab], aux) where aux holds the MoE
+  statistics and 'moe_loss', their weighted sum to add to the loss.
+  """
+  config: MM1Config
+
+  def setup(self):
+    c = self.config
+    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
+    encoder_cls = _frozen(VisionTransformer) if c.freeze_encoder else VisionTransformer
+    self.encoder = encoder_cls(c.encoder, **kw)
+    self.connector = build_connector(c.connector, c.llm.width, **kw)
+    llm_cls = _frozen(Decoder, ("__call__", "embed")) if c.freeze_llm else Decoder
+    self.llm = llm_cls(c.llm, **kw)
+
+  def encode_images(self, images: jax.Array, image_mask: jax.Array) -> jax.Array:
+    """images: uint8 [B, N, H, W, 3] -> image embeddings [B, N, M, D_llm].
+
+    Every slot is encoded (static shapes); padding slots are zeroed.
+    """
+    batch, num_images = images.shape[:2]
+    flat = normalize_images(images.reshape((batch * num_images,) + images.shape[2:]),
+                            self.config.encoder).astype(layers.as_dtype(self.config.dtype))
+    features = self.connector(self.encoder(flat))
+    features = features.reshape((batch, num_images) + features.shape[1:])
+    features = features * image_mask[:, :, None, None].astype(features.dtype)
+    return constrain(features, ("activation_batch", None, "activation_length", "activation_embed"))
+
+  def __call__(self, tokens: jax.Array, images: jax.Array, image_mask: jax.Array,
+               positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    c = self.config
+    if not isinstance(tokens, jax.core.Tracer) and not isinstance(image_mask, jax.core.Tracer):
+      # Eager calls are checked here; jitted steps check the host batch first.
+      check_image_placeholders(tokens, image_mask, c.num_image_tokens, c.image_placeholder_id)
+    image_embeddings = self.encode_images(images, image_mask)
+    embeddings = splice_image_embeddings(self.llm.embed(tokens), tokens, image_embeddings,
+                                         c.image_placeholder_id)
+    logits, aux = self.llm(tokens, positions, segment_ids, embeddings=embeddings)
+    return logits, {**aux, "moe_loss": moe_aux_loss(aux, c.llm.moe)}

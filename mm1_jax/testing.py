@@ -1,0 +1,39 @@
+"""Synthetic batches that honour the model's batch contract (tests, benchmarks)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mm1_jax.models.config import MM1Config
+
+
+def random_multimodal_batch(config: MM1Config, batch_size: int, length: int, seed: int = 0,
+                            max_images_per_row: int | None = None) -> dict[str, np.ndarray]:
+  """Random tokens with placeholder runs for 0..max_images_per_row real images.
+
+  Returns tokens int32 [B, T], images uint8 [B, max_images, H, W, 3],
+  image_mask bool [B, max_images]. Each image's run of num_image_tokens
+  placeholders sits at a random offset, runs never touch (so each run is
+  exactly one image).
+  """
+  rng = np.random.default_rng(seed)
+  num_image_tokens, placeholder = config.num_image_tokens, config.image_placeholder_id
+  limit = min(config.max_images, max_images_per_row or config.max_images,
+              length // (num_image_tokens + 1))
+  # Text ids avoid the placeholder id (and the few special ids below it).
+  tokens = rng.integers(placeholder + 1, config.llm.vocab_size, (batch_size, length))
+  image_mask = np.zeros((batch_size, config.max_images), dtype=bool)
+  for row in range(batch_size):
+    num_images = int(rng.integers(0, limit + 1))
+    image_mask[row, :num_images] = True
+    slack = length - num_images * (num_image_tokens + 1)
+    # Random gaps (>= 1 text token before each image) that fit in the row.
+    gaps = np.diff(np.sort(rng.integers(0, slack + 1, num_images)), prepend=0)
+    start = 0
+    for gap in gaps:
+      start += int(gap) + 1
+      tokens[row, start:start + num_image_tokens] = placeholder
+      start += num_image_tokens
+  size = config.encoder.image_size
+  images = rng.integers(0, 256, (batch_size, config.max_images, size, size, 3), dtype=np.uint8)
+  return {"tokens": tokens.astype(np.int32), "images": images, "image_mask": image_mask}
