@@ -23,13 +23,6 @@ from mm1_jax import config_lib
 from mm1_jax.models.config import MM1Config
 from mm1_jax.models.multimodal import MM1Model
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Sequence length for attention FLOPs.")
-_NUM_DEVICES = flags.DEFINE_integer("num_devices", 256,
-                                    "Devices the training state is spread over (fsdp) for the "
-                                    "per-device memory estimate.")
-
 ADAM_STATE_COPIES = 2  # First and second moments, float32.
 
 
@@ -158,10 +151,16 @@ def format_summary(config: MM1Config, seq_len: int, num_devices: int) -> str:
 
 def main(argv):
   del argv
-  config = config_lib.mm1_config(_CONFIG.value)
-  print(format_summary(config, _SEQ_LEN.value, _NUM_DEVICES.value))
+  config = config_lib.mm1_config(flags.FLAGS.config)
+  print(format_summary(config, flags.FLAGS.seq_len, flags.FLAGS.num_devices))
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program: the counting functions above
+  # are also imported by the trainer and benchmarks, which define their own.
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  flags.DEFINE_integer("seq_len", 4096, "Sequence length for attention FLOPs.")
+  flags.DEFINE_integer("num_devices", 256, "Devices the training state is spread over (fsdp) "
+                       "for the per-device memory estimate.")
   flags.mark_flag_as_required("config")
   app.run(main)

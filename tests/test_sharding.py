@@ -54,12 +54,15 @@ def test_sharded_forward_matches_single_device(reference, mesh_name):
     sharded_params = jax.device_put(params, shardings)
     sharded_args = [jax.device_put(a, s) for a, s in zip(args, batch_shardings)]
     logits, _ = jax.jit(model.apply)(sharded_params, *sharded_args)
-    # Creating the params directly with their shardings gives the same values.
-    initialised = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), *args)),
-                          out_shardings=shardings)()
+    if mesh_name in ("fsdp8", "data2_expert4"):  # Each init compile costs ~8 s on CI.
+      # Creating the params directly with their shardings gives the same values.
+      initialised = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), *args)),
+                            out_shardings=shardings)()
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
+                   initialised, params)
+      assert initialised["params"]["llm"]["embedder"]["embedding"].sharding == (
+          shardings["params"]["llm"]["embedder"]["embedding"])
   np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
-               initialised, params)
 
   # The parameters are really split the way the rules say.
   llm = sharded_params["params"]["llm"]

@@ -1,0 +1,29 @@
+# mm1_jax: `make test` sets up .venv (Python 3.11) on first use, then runs pytest.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: setup test summary bench clean
+
+setup: $(INSTALLED)
+
+# Re-installs whenever a requirements file changes.
+$(INSTALLED): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+test: setup
+	$(PY) -m pytest
+
+# Parameter counts, FLOPs and memory of a config: make summary CONFIG=configs/mm1_30b.py
+CONFIG ?= configs/mm1_3b.py
+summary: setup
+	$(PY) -m mm1_jax.summary --config=$(CONFIG)
+
+bench: setup
+	$(PY) benchmarks/model_forward.py --config=configs/tiny.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
