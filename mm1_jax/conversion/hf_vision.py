@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from mm1_jax.conversion.params_builder import ConversionError
 from mm1_jax.models.config import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, VitConfig,
                                    validate_vit)
 
@@ -329,7 +330,7 @@ def convert_hf_vision(state_dict: Mapping[str, Any], config: VitConfig, model_ty
   if unexpected:
     problems.append(_listing("unexpected keys", sorted(unexpected)))
   if problems:
-    raise ValueError(
+    raise ConversionError(
         f"cannot convert the {model_type} state dict to VitConfig(width={d}, depth={c.depth}, "
         f"layers built={c.num_layers_built}, num_heads={heads}, mlp_dim={mlp}, patch_size={p}, "
         f"trained_grid_size={c.trained_grid_size}, class_token={c.class_token}):\n"
@@ -382,4 +383,4 @@ def check_tree_matches(params: Mapping[str, Any], expected: Mapping[str, Any]) -
                for k in sorted(set(flat) & set(want))
                if tuple(np.shape(flat[k])) != tuple(want[k].shape)]
   if problems:
-    raise ValueError("parameter tree does not match the model:\n" + "\n".join(problems))
+    raise ConversionError("parameter tree does not match the model:\n" + "\n".join(problems))

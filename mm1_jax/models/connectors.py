@@ -172,7 +172,15 @@ class RegStage(nn.Module):
     return x
 
 
-class CAbstractor(nn.Module):
+class Connector(nn.Module):
+  """Fields shared by every connector: [B, L, Dv] -> [B, num_image_tokens, out_dim]."""
+  config: ConnectorConfig
+  out_dim: int  # The LLM width.
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+
+class CAbstractor(Connector):
   """Honeybee's C-Abstractor (MM1's connector).
 
   x [B, L, Dv] + pos_embed [L, Dv] -> grid [B, g, g, Dv] (g = sqrt(L))
@@ -181,11 +189,6 @@ class CAbstractor(nn.Module):
   -> Linear(hidden -> D), then (SiLU, Linear(D -> D)) x (mlp_depth - 1).
   Returns [B, M, D] in `dtype`.
   """
-  config: ConnectorConfig
-  out_dim: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
@@ -215,17 +218,12 @@ class CAbstractor(nn.Module):
     return constrain(tokens, _OUTPUT_AXES)
 
 
-class AveragePooling(nn.Module):
+class AveragePooling(Connector):
   """MM1's average-pooling connector.
 
   x [B, L, Dv] -> adaptive avg pool of the sqrt(L) grid to sqrt(M) x sqrt(M)
   -> Linear(Dv -> D). Returns [B, M, D] in `dtype`.
   """
-  config: ConnectorConfig
-  out_dim: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, num_patches, width = x.shape
@@ -238,7 +236,7 @@ class AveragePooling(nn.Module):
     return constrain(tokens, _OUTPUT_AXES)
 
 
-class AttentionPooling(nn.Module):
+class AttentionPooling(Connector):
   """MM1's attention-pooling connector.
 
   M learned queries [M, Dv] attend (num_heads heads, q/k/v/out projections
@@ -246,11 +244,6 @@ class AttentionPooling(nn.Module):
   through Linear(Dv -> D). Returns [B, M, D] in `dtype`.
   The keys carry no position information: the encoder's features already do.
   """
-  config: ConnectorConfig
-  out_dim: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
@@ -278,16 +271,11 @@ class AttentionPooling(nn.Module):
     return constrain(tokens, _OUTPUT_AXES)
 
 
-class MlpConnector(nn.Module):
+class MlpConnector(Connector):
   """LLaVA-1.5's projector: Linear(Dv -> D), exact GELU, Linear(D -> D).
 
   Keeps every patch (M == L): x [B, L, Dv] -> [B, L, D] in `dtype`.
   """
-  config: ConnectorConfig
-  out_dim: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.shape[1] != self.config.num_image_tokens:
