@@ -1,0 +1,1 @@
+"""Data: TFDS sources over bundled package files, tokenizer, SeqIO tasks."""

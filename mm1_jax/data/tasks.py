@@ -1,0 +1,216 @@
+"""SeqIO tasks and mixtures over the bundled data, registered on import.
+
+Every task emits the same three features, so any mixture of them feeds the
+multimodal feature converter (mm1_jax/data/pipeline.py):
+
+    inputs   int32 [n_in]  prompt tokens, not trained on (may be empty)
+    targets  int32 [n_t]   tokens trained on, EOS appended
+    images   string [k]    encoded PNG/JPEG bytes, k >= 0
+
+Each image appears in the text as one IMAGE_MARKER ("<image>") token, in the
+same order as `images`; the converter expands it to the model's run of
+num_image_tokens placeholders.
+
+Tasks:   easy_vqa_caption, easy_vqa_interleaved, shakespeare_text, easy_vqa_vqa
+Mixtures: mm1_pretrain (interleaved 45 : caption 45 : text 10) and MM1's
+          data-ablation mixtures (see MIXTURES).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import seqio
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from mm1_jax.data import sources, tokenizer
+
+tf.config.set_visible_devices([], "GPU")
+
+IMAGE_MARKER = "<image>"
+EASY_VQA, SHAKESPEARE = "mm1_easy_vqa", "mm1_shakespeare"  # Bundled TFDS builders.
+VOCABULARY = tokenizer.get_vocabulary()
+
+
+def output_features(vocabulary: seqio.Vocabulary = VOCABULARY) -> dict[str, seqio.Feature]:
+  return {
+      "inputs": seqio.Feature(vocabulary, add_eos=False, required=False),
+      "targets": seqio.Feature(vocabulary, add_eos=True),
+      # Encoded bytes, decoded and resized by the converter at the model's resolution.
+      "images": seqio.Feature(seqio.PassThroughVocabulary(0), dtype=tf.string, rank=1,
+                              add_eos=False, required=False),
+  }
+
+
+OUTPUT_FEATURES = output_features()
+
+
+def tokenize_text(dataset: tf.data.Dataset, output_features) -> tf.data.Dataset:
+  """seqio's tokenize, restricted to the text features (images are bytes too)."""
+  text = {k: v for k, v in output_features.items() if k != "images"}
+  return seqio.preprocessors.tokenize(dataset, text, copy_pretokenized=False)
+
+
+def _no_images() -> tf.Tensor:
+  return tf.zeros([0], tf.string)
+
+
+# --- easy-vqa ----------------------------------------------------------------
+
+def _easy_vqa_source(split_names: Sequence[str] = ("train", "test")) -> seqio.TfdsDataSource:
+  return seqio.TfdsDataSource(
+      tfds_name=f"{EASY_VQA}:1.0.0", tfds_data_dir=sources.default_data_dir(),
+      splits={name: name for name in split_names},
+      decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def caption_example(example):
+  """One image, then its caption: "<image>" -> "a blue rectangle."."""
+  return {"inputs": IMAGE_MARKER, "targets": example["caption"] + ".",
+          "images": tf.reshape(example["image"], [1])}
+
+
+# Interleaved documents: 1..MAX_DOC_IMAGES images with text before, between
+# and after them, like a web page. Templates vary with the image id.
+MAX_DOC_IMAGES = 4
+_BEFORE = (
+    "Here is {c}.", "This picture shows {c}.", "Look at {c}:", "Next, {c}.",
+    "The image below contains {c}.", "Figure: {c}.",
+)
+_AFTER = (
+    "The shape is {shape} and it is {color}.", "Its colour is {color}.",
+    "You can see a {shape} here.", "Notice the {color} {shape}.", "",
+    "{question} {answer}.",
+)
+
+
+def _fill(template, example):
+  text = tf.strings.regex_replace(template, "{c}", example["caption"])
+  text = tf.strings.regex_replace(text, "{shape}", example["shape"])
+  text = tf.strings.regex_replace(text, "{color}", example["color"])
+  question = example["questions"]["question"]
+  answer = example["questions"]["answer"]
+  has_question = tf.size(question) > 0
+  text = tf.strings.regex_replace(text, "{question}", tf.cond(
+      has_question, lambda: tf.strings.upper(tf.strings.substr(question[0], 0, 1)) +
+      tf.strings.substr(question[0], 1, -1), lambda: tf.constant("What is it?")))
+  return tf.strings.regex_replace(text, "{answer}", tf.cond(
+      has_question, lambda: tf.strings.upper(tf.strings.substr(answer[0], 0, 1)) +
+      tf.strings.substr(answer[0], 1, -1), lambda: example["caption"]))
+
+
+def _document_segment(example):
+  image_id = example["image_id"]
+  before = _fill(tf.gather(tf.constant(_BEFORE), image_id % len(_BEFORE)), example)
+  after = _fill(tf.gather(tf.constant(_AFTER), (image_id // 7) % len(_AFTER)), example)
+  return tf.strings.join([before, IMAGE_MARKER, after], separator=" ")
+
+
+def interleaved_documents(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  """Groups consecutive image records into documents of 1..MAX_DOC_IMAGES.
+
+  Deterministic: the group size comes from the first image's id.
+  """
+  def to_document(group):
+    size = tf.cast(1 + group["image_id"][0] % MAX_DOC_IMAGES, tf.int32)
+    segments = tf.map_fn(
+        lambda i: _document_segment(tf.nest.map_structure(lambda t: t[i], group)),
+        tf.range(size), fn_output_signature=tf.string)
+    return {"inputs": "", "targets": tf.strings.reduce_join(segments, separator=" "),
+            "images": group["image"][:size]}
+
+  # Questions are ragged per image: keep the first of each for the batch.
+  dataset = dataset.map(lambda ex: {**ex, "questions": {
+      "question": ex["questions"]["question"][:1], "answer": ex["questions"]["answer"][:1]}})
+  return dataset.padded_batch(MAX_DOC_IMAGES, drop_remainder=True).map(
+      lambda group: to_document({**group, "questions": {
+          "question": group["questions"]["question"][:, 0],
+          "answer": group["questions"]["answer"][:, 0]}}))
+
+
+def vqa_examples(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  """One example per question: "<image> Question: ... Answer:" -> " blue"."""
+  def per_question(example):
+    questions = example["questions"]
+    count = tf.size(questions["question"])
+    return tf.data.Dataset.from_tensor_slices({
+        "inputs": tf.strings.join([IMAGE_MARKER + " Question: ", questions["question"],
+                                   " Answer:"]),
+        "targets": tf.strings.join([" ", questions["answer"]]),
+        "images": tf.repeat(tf.reshape(example["image"], [1, 1]), count, axis=0),
+        "answers": tf.reshape(questions["answer"], [-1, 1]),
+    })
+  return dataset.flat_map(per_question)
+
+
+# --- Shakespeare ---------------------------------------------------------------
+
+def text_example(example):
+  return {"inputs": "", "targets": example["text"], "images": _no_images()}
+
+
+# --- registration ------------------------------------------------------------
+
+TASKS = ("easy_vqa_caption", "easy_vqa_interleaved", "shakespeare_text", "easy_vqa_vqa")
+
+# MM1's pre-training mixture and its data ablations (interleaved : caption : text).
+MIXTURES = {
+    "mm1_pretrain": {"easy_vqa_interleaved": 45, "easy_vqa_caption": 45, "shakespeare_text": 10},
+    "mm1_caption_only": {"easy_vqa_caption": 1},
+    "mm1_interleaved_only": {"easy_vqa_interleaved": 1},
+    "mm1_interleaved_caption_50_50": {"easy_vqa_interleaved": 50, "easy_vqa_caption": 50},
+    "mm1_interleaved_caption_66_33": {"easy_vqa_interleaved": 66, "easy_vqa_caption": 33},
+    "mm1_equal_33_33_33": {"easy_vqa_interleaved": 33, "easy_vqa_caption": 33,
+                           "shakespeare_text": 33},
+    "mm1_image_text_91_9": {"easy_vqa_interleaved": 45.5, "easy_vqa_caption": 45.5,
+                            "shakespeare_text": 9},
+}
+
+
+def _register():
+  postprocess = [tokenize_text, seqio.preprocessors.append_eos_after_trim]
+  seqio.TaskRegistry.add(
+      "easy_vqa_caption", source=_easy_vqa_source(),
+      preprocessors=[seqio.map_over_dataset(caption_example)] + postprocess,
+      output_features=OUTPUT_FEATURES)
+  seqio.TaskRegistry.add(
+      "easy_vqa_interleaved", source=_easy_vqa_source(),
+      preprocessors=[interleaved_documents] + postprocess, output_features=OUTPUT_FEATURES)
+  seqio.TaskRegistry.add(
+      "easy_vqa_vqa", source=_easy_vqa_source(),
+      preprocessors=[vqa_examples] + postprocess, output_features=OUTPUT_FEATURES)
+  seqio.TaskRegistry.add(
+      "shakespeare_text",
+      source=seqio.TfdsDataSource(
+          tfds_name=f"{SHAKESPEARE}:1.0.0", tfds_data_dir=sources.default_data_dir(),
+          splits={"train": "train", "test": "validation", "validation": "validation"}),
+      preprocessors=[seqio.map_over_dataset(text_example)] + postprocess,
+      output_features=OUTPUT_FEATURES)
+  for name, rates in MIXTURES.items():
+    seqio.MixtureRegistry.add(name, list(rates.items()))
+
+
+if "mm1_pretrain" not in seqio.MixtureRegistry.names():
+  _register()
+
+
+def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
+  """The registered task or mixture `name`; the error lists what exists."""
+  known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+  if name not in known:
+    raise ValueError(f"unknown SeqIO task or mixture {name!r}; registered: {', '.join(known)}. "
+                     "Import the module that registers it (e.g. your own tasks file) first.")
+  return seqio.get_mixture_or_task(name)
+
+
+def required_sources(name: str) -> set[str]:
+  """The bundled TFDS builders a task or mixture reads (to prepare them first)."""
+  provider = get_task_or_mixture(name)
+  tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  needed = set()
+  for task in tasks:
+    source = task.source
+    if isinstance(source, seqio.TfdsDataSource):
+      needed.add(source.tfds_dataset.name.split(":")[0])
+  return needed & {EASY_VQA, SHAKESPEARE}
