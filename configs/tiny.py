@@ -22,4 +22,5 @@ def get_config(arg=None):
   if not arg.dense:
     model.llm.moe.update(num_experts=8, num_experts_per_token=2, moe_every=2,
                          dispatch=arg.dispatch, capacity_factor=2.0)
+  config.data.update(mixture="mm1_pretrain", batch_size=8, seq_len=256, pack=True)
   return config

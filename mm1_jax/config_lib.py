@@ -14,6 +14,7 @@ import typing
 
 import ml_collections
 
+from mm1_jax.data.config import InputConfig
 from mm1_jax.models.config import ConfigError, MM1Config
 
 _PLACEHOLDER_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
@@ -47,6 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every experiment."""
   config = ml_collections.ConfigDict()
   config.model = model_config()
+  # The input pipeline (mm1_jax/data/config.py): mixture, batch, length, packing.
+  config.data = _dataclass_to_config(InputConfig())
   # Mesh axis sizes; -1 takes the remaining devices.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
   return config

@@ -8,8 +8,8 @@ Resize policies (S = image_size):
   'stretch'  resize to S x S, ignoring the aspect ratio;
   'pad'      resize so the longer side is S (aspect kept), then letterbox the
              shorter side, image centred, with `pad_color`;
-  'crop'     resize so the shorter side is S (aspect kept), then take the
-             central S x S window.
+  'crop'     the central S x S window after resizing the shorter side to S
+             (aspect kept); done as crop-then-resize.
 
 The pad colour defaults to CLIP's normalisation mean (as LLaVA's
 expand2square does): after the encoder's (x / 255 - mean) / std the band is
@@ -53,13 +53,13 @@ def _resize(image: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
   return tf.image.resize(image, tf.stack([height, width]), method="bilinear", antialias=True)
 
 
-def _scaled_size(height: tf.Tensor, width: tf.Tensor, scale: tf.Tensor,
-                 lo: int, hi: int | None) -> tuple[tf.Tensor, tf.Tensor]:
-  """(height, width) * scale, rounded and clipped to [lo, hi] (int32 scalars)."""
+def _fit_inside(height: tf.Tensor, width: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """(height, width) scaled so the longer side is `size`; each side in [1, size]."""
+  scale = size / tf.cast(tf.maximum(height, width), tf.float32)
+
   def one(side):
     side = tf.cast(tf.round(tf.cast(side, tf.float32) * scale), tf.int32)
-    side = tf.maximum(side, lo)
-    return side if hi is None else tf.minimum(side, hi)
+    return tf.clip_by_value(side, 1, size)
   return one(height), one(width)
 
 
@@ -70,8 +70,7 @@ def _stretch(image: tf.Tensor, size: int) -> tf.Tensor:
 def _pad(image: tf.Tensor, size: int, pad_color: tf.Tensor) -> tf.Tensor:
   """Longer side -> size, centred on a size x size canvas of pad_color (0..255)."""
   height, width = tf.shape(image)[0], tf.shape(image)[1]
-  scale = size / tf.cast(tf.maximum(height, width), tf.float32)
-  new_height, new_width = _scaled_size(height, width, scale, 1, size)
+  new_height, new_width = _fit_inside(height, width, size)
   resized = _resize(image, new_height, new_width)
   top, left = (size - new_height) // 2, (size - new_width) // 2
   # Pad (resized - colour) with zeros, then add the colour back: a constant
@@ -81,17 +80,21 @@ def _pad(image: tf.Tensor, size: int, pad_color: tf.Tensor) -> tf.Tensor:
 
 
 def _crop(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Shorter side -> size, then the central size x size window."""
+  """The central square (side = shorter side), resized to size x size.
+
+  The same window as "shorter side -> size, then the central size x size",
+  but cropped first: resizing a 1 x 10000 strip to size x 10000*size first
+  would need gigabytes.
+  """
   height, width = tf.shape(image)[0], tf.shape(image)[1]
-  scale = size / tf.cast(tf.minimum(height, width), tf.float32)
-  new_height, new_width = _scaled_size(height, width, scale, size, None)
-  resized = _resize(image, new_height, new_width)
-  top, left = (new_height - size) // 2, (new_width - size) // 2
-  return tf.image.crop_to_bounding_box(resized, top, left, size, size)
+  side = tf.minimum(height, width)
+  square = tf.image.crop_to_bounding_box(image, (height - side) // 2, (width - side) // 2,
+                                         side, side)
+  return _resize(square, tf.constant(size), tf.constant(size))
 
 
 def _to_uint8(image: tf.Tensor) -> tf.Tensor:
-  """float32 in ~[0, 255] (resize can overshoot slightly) -> uint8."""
+  """float32 in [0, 255] up to float error -> uint8 (rounded, clipped)."""
   return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 

@@ -25,6 +25,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mm1_jax.data import sources, tokenizer
+from mm1_jax.data.sources import easy_vqa as _easy_vqa, shakespeare as _shakespeare  # noqa: F401  (registers the TFDS builders)
 
 tf.config.set_visible_devices([], "GPU")
 
@@ -85,19 +86,28 @@ _AFTER = (
 )
 
 
+def _capitalized(text):
+  return tf.strings.upper(tf.strings.substr(text, 0, 1)) + tf.strings.substr(text, 1, -1)
+
+
+def _with_first_question(example):
+  """Keeps one question/answer pair per image (or a fallback) as scalars."""
+  questions = example["questions"]
+  has_question = tf.size(questions["question"]) > 0
+  question = tf.cond(has_question, lambda: _capitalized(questions["question"][0]),
+                     lambda: tf.constant("What is it?"))
+  answer = tf.cond(has_question, lambda: _capitalized(questions["answer"][0]),
+                   lambda: _capitalized(example["caption"]))
+  return {"image": example["image"], "image_id": example["image_id"],
+          "caption": example["caption"], "shape": example["shape"],
+          "color": example["color"], "question": question, "answer": answer}
+
+
 def _fill(template, example):
-  text = tf.strings.regex_replace(template, "{c}", example["caption"])
-  text = tf.strings.regex_replace(text, "{shape}", example["shape"])
-  text = tf.strings.regex_replace(text, "{color}", example["color"])
-  question = example["questions"]["question"]
-  answer = example["questions"]["answer"]
-  has_question = tf.size(question) > 0
-  text = tf.strings.regex_replace(text, "{question}", tf.cond(
-      has_question, lambda: tf.strings.upper(tf.strings.substr(question[0], 0, 1)) +
-      tf.strings.substr(question[0], 1, -1), lambda: tf.constant("What is it?")))
-  return tf.strings.regex_replace(text, "{answer}", tf.cond(
-      has_question, lambda: tf.strings.upper(tf.strings.substr(answer[0], 0, 1)) +
-      tf.strings.substr(answer[0], 1, -1), lambda: example["caption"]))
+  for key, field in (("{c}", "caption"), ("{shape}", "shape"), ("{color}", "color"),
+                     ("{question}", "question"), ("{answer}", "answer")):
+    template = tf.strings.regex_replace(template, key, example[field])
+  return template
 
 
 def _document_segment(example):
@@ -120,13 +130,8 @@ def interleaved_documents(dataset: tf.data.Dataset) -> tf.data.Dataset:
     return {"inputs": "", "targets": tf.strings.reduce_join(segments, separator=" "),
             "images": group["image"][:size]}
 
-  # Questions are ragged per image: keep the first of each for the batch.
-  dataset = dataset.map(lambda ex: {**ex, "questions": {
-      "question": ex["questions"]["question"][:1], "answer": ex["questions"]["answer"][:1]}})
-  return dataset.padded_batch(MAX_DOC_IMAGES, drop_remainder=True).map(
-      lambda group: to_document({**group, "questions": {
-          "question": group["questions"]["question"][:, 0],
-          "answer": group["questions"]["answer"][:, 0]}}))
+  return dataset.map(_with_first_question).batch(MAX_DOC_IMAGES, drop_remainder=True).map(
+      to_document)
 
 
 def vqa_examples(dataset: tf.data.Dataset) -> tf.data.Dataset:

@@ -19,9 +19,6 @@ import os
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-# TF only reads and writes records here; the accelerators belong to JAX.
-tf.config.set_visible_devices([], "GPU")
-
 DATA_DIR_ENV = "MM1_DATA_DIR"
 
 # Builder name -> module that defines (and so registers) it.
@@ -29,6 +26,17 @@ BUILDER_MODULES = {
     "mm1_easy_vqa": "mm1_jax.data.sources.easy_vqa",
     "mm1_shakespeare": "mm1_jax.data.sources.shakespeare",
 }
+
+
+def hide_gpus_from_tf() -> None:
+  """Keeps TF (record reading/writing, seqio ops) off the GPUs, which JAX owns."""
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF already initialised its devices: too late to change.
+    pass
+
+
+hide_gpus_from_tf()
 
 
 def default_data_dir() -> str:

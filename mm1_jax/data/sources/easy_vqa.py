@@ -12,9 +12,9 @@ background, plus question/answer pairs about them. One example per image:
     questions  sequence of {question: text, answer: text}
 
 Shape and colour come from the image's own questions where they pin them down
-(about 91% of images for both), otherwise from the pixels
-(`attributes_from_pixels`). The pixel reading agrees with every question-given
-attribute in both splits (checked by the tests).
+(the shape for 95.8% of the 5,000 images, the colour for 92.7%, both for
+89.3%), otherwise from the pixels (`attributes_from_pixels`). The pixel
+reading agrees with every question-given attribute of both splits.
 """
 
 from __future__ import annotations

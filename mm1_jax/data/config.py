@@ -1,0 +1,37 @@
+"""What the input pipeline reads and how it lays batches out (no TensorFlow here,
+so configs and tools can import it cheaply)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mm1_jax.models.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+  """What to read and how to lay it out. Model-dependent sizes come from MM1Config.
+
+  The bundled sources are prepared under $MM1_DATA_DIR (default
+  ~/.cache/mm1_jax/tfds), read when mm1_jax.data.tasks registers them.
+  """
+  mixture: str = "mm1_pretrain"
+  split: str = "train"
+  batch_size: int = 8  # Global, over all hosts.
+  seq_len: int = 256
+  pack: bool = True
+  image_policy: str = "stretch"  # stretch | pad | crop (aspect-ratio handling).
+  image_start_end: bool = False  # Bracket each placeholder run with <image_start>/<image_end>.
+  shuffle: bool = True
+  seed: int = 0
+  num_epochs: int | None = None  # None: repeat forever (training).
+
+  @classmethod
+  def from_dict(cls, values) -> "InputConfig":
+    values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ConfigError(f"Unknown field(s) {', '.join('data.' + u for u in unknown)}; data "
+                        f"accepts: {', '.join(sorted(known))}.")
+    return cls(**values)
