@@ -25,6 +25,8 @@ class InputConfig:
   shuffle: bool = True
   seed: int = 0
   num_epochs: int | None = None  # None: repeat forever (training).
+  # A SentencePiece model file; "" = the bundled mm1_sp4k tokenizer.
+  vocabulary: str = ""
 
   @classmethod
   def from_dict(cls, values) -> "InputConfig":

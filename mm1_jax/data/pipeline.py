@@ -1,7 +1,8 @@
 """The multimodal input pipeline: SeqIO mixture -> model batches.
 
     tf.data (SeqIO):  sample the mixture, tokenize, decode + resize images
-    host (numpy):     expand image markers to placeholder runs, fit, pack, batch
+    host (numpy):     MultimodalFeatureConverter (expand image markers to
+                      placeholder runs, fit, pack), then batch
 
 Each host reads a disjoint shard (seqio.ShardInfo from jax.process_index /
 process_count). The stream is deterministic given the seed, and its position
@@ -29,6 +30,7 @@ import tensorflow as tf
 
 from mm1_jax.data import images as image_ops
 from mm1_jax.data import packing, sources, tasks, tokenizer
+from mm1_jax.data.converter import MultimodalFeatureConverter
 from mm1_jax.data.config import InputConfig
 from mm1_jax.models.config import ConfigError, MM1Config
 
@@ -87,31 +89,17 @@ class MultimodalInput:
                         f"{process_count} hosts; use a multiple of {process_count}.")
     self.config, self.model = config, model
     self.local_batch_size = config.batch_size // process_count
-    self.vocabulary = vocabulary or tasks.VOCABULARY
-    special = tokenizer.special_token_ids(self.vocabulary)
-    self.marker_id = special["<image>"]
-    if self.marker_id != model.image_placeholder_id:
-      raise ConfigError(
-          f"model.image_placeholder_id: {model.image_placeholder_id} but the vocabulary's "
-          f"'<image>' token is {self.marker_id}; set model.image_placeholder_id="
-          f"{self.marker_id}.")
-    if self.vocabulary.vocab_size > model.llm.vocab_size:
-      raise ConfigError(f"llm.vocab_size: {model.llm.vocab_size} is smaller than the "
-                        f"tokenizer's {self.vocabulary.vocab_size} ids.")
-    self.start_id = special["<image_start>"] if config.image_start_end else None
-    self.end_id = special["<image_end>"] if config.image_start_end else None
-
-    provider = tasks.get_task_or_mixture(config.mixture)
-    for name in tasks.required_sources(config.mixture):
-      sources.prepare(name)
+    self.vocabulary = vocabulary or (tokenizer.get_vocabulary(config.vocabulary)
+                                     if config.vocabulary else tasks.VOCABULARY)
+    self.converter = MultimodalFeatureConverter(model, self.vocabulary, config.seq_len,
+                                                config.pack, config.image_start_end)
+    name = tasks.with_vocabulary(config.mixture, config.vocabulary)
+    provider = tasks.get_task_or_mixture(name)
+    for source_name in tasks.required_sources(name):
+      sources.prepare(source_name)
     shard = seqio.ShardInfo(index=process_index, num_shards=process_count)
     self._dataset = _tf_stream(provider, config, model, shard)
     self._iterator = iter(self._dataset)
-    size = model.encoder.image_size
-    self._packer = packing.Packer(
-        length=config.seq_len, max_images=model.max_images, image_shape=(size, size, 3),
-        marker_id=self.marker_id, start_id=self.start_id, end_id=self.end_id, pack=config.pack,
-        num_image_tokens=model.num_image_tokens)
     self._ready: list[dict[str, np.ndarray]] = []  # Finished sequences not yet batched.
     self._next_index = 0  # The index the next good record should have.
     self.num_skipped = 0  # Bad records skipped so far (a training metric).
@@ -122,7 +110,11 @@ class MultimodalInput:
     return self
 
   def _take_example(self) -> dict[str, np.ndarray] | None:
-    """The next usable example (expanded and fitted), or None at the end."""
+    """The next usable example (expanded and fitted), or None at the end.
+
+    Skips, and counts, records the tf.data stage dropped (their index is
+    missing) and records with nothing to train on.
+    """
     while True:
       try:
         record = next(self._iterator)
@@ -131,36 +123,27 @@ class MultimodalInput:
       index = int(record["index"])
       self.num_skipped += index - self._next_index
       self._next_index = index + 1
-      tokens, loss_mask = record["tokens"].numpy(), record["loss_mask"].numpy()
-      images = record["images"].numpy()
-      if not len(images) and not np.any(tokens[loss_mask > 0] != self.vocabulary.eos_id):
-        self.num_skipped += 1  # An empty record (at most an EOS): nothing to learn from.
-        continue
-      tokens, loss_mask = packing.expand_image_markers(
-          tokens, loss_mask, self.marker_id, self.model.num_image_tokens, self.start_id,
-          self.end_id)
-      tokens, loss_mask, images = packing.fit_example(
-          tokens, loss_mask, images, self.config.seq_len, self.model.max_images,
-          self.marker_id, self.start_id, self.end_id, self.model.num_image_tokens)
-      if not len(tokens):
+      example = self.converter.prepare({key: record[key].numpy()
+                                        for key in ("tokens", "loss_mask", "images")})
+      if example is None:
         self.num_skipped += 1
         continue
       self.num_examples += 1
-      return {"tokens": tokens, "loss_mask": loss_mask, "images": images}
+      return example
 
   def __next__(self) -> dict[str, np.ndarray]:
     while len(self._ready) < self.local_batch_size and not self._exhausted:
       example = self._take_example()
       if example is None:
         self._exhausted = True
-        self._ready.extend(self._packer.flush())
+        self._ready.extend(self.converter.flush())
       else:
-        self._ready.extend(self._packer.add(example))
+        self._ready.extend(self.converter.convert(example))
     if not self._ready:
       raise StopIteration
     batch, self._ready = self._ready[:self.local_batch_size], self._ready[self.local_batch_size:]
     while len(batch) < self.local_batch_size:  # Only at the end of a finite split.
-      batch.append(self._packer.empty_sequence())
+      batch.append(self.converter.empty_sequence())
     return packing.stack(batch)
 
   # --- saving and restoring the position -------------------------------------
@@ -170,7 +153,7 @@ class MultimodalInput:
     os.makedirs(directory, exist_ok=True)
     tf.train.Checkpoint(iterator=self._iterator).write(os.path.join(directory, "tf_data"))
     arrays = {f"ready_{i}_{k}": v for i, seq in enumerate(self._ready) for k, v in seq.items()}
-    arrays.update({f"packer_{k}": np.asarray(v) for k, v in self._packer.get_state().items()})
+    arrays.update({f"packer_{k}": np.asarray(v) for k, v in self.converter.get_state().items()})
     np.savez(os.path.join(directory, "host_state.npz"), **arrays)
     with open(os.path.join(directory, "counters.json"), "w") as f:
       json.dump({"num_ready": len(self._ready), "next_index": self._next_index,
@@ -186,7 +169,7 @@ class MultimodalInput:
     with np.load(os.path.join(directory, "host_state.npz")) as arrays:
       self._ready = [{k.split("_", 2)[2]: arrays[k] for k in arrays.files
                       if k.startswith(f"ready_{i}_")} for i in range(counters["num_ready"])]
-      self._packer.set_state({k[len("packer_"):]: arrays[k] for k in arrays.files
+      self.converter.set_state({k[len("packer_"):]: arrays[k] for k in arrays.files
                               if k.startswith("packer_")})
     self._next_index = counters["next_index"]
     self.num_skipped = counters["num_skipped"]

@@ -18,6 +18,8 @@ Mixtures: mm1_pretrain (interleaved 45 : caption 45 : text 10) and MM1's
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Sequence
 
 import seqio
@@ -173,31 +175,49 @@ MIXTURES = {
 }
 
 
-def _register():
+def register_all(vocabulary: seqio.Vocabulary = VOCABULARY, suffix: str = "") -> None:
+  """Registers every bundled task and mixture, names ending in `suffix`."""
+  features = output_features(vocabulary)
   postprocess = [tokenize_text, seqio.preprocessors.append_eos_after_trim]
+  easy_vqa = {
+      "easy_vqa_caption": [seqio.map_over_dataset(caption_example)],
+      "easy_vqa_interleaved": [interleaved_documents],
+      "easy_vqa_vqa": [vqa_examples],
+  }
+  for name, preprocessors in easy_vqa.items():
+    seqio.TaskRegistry.add(name + suffix, source=_easy_vqa_source(),
+                           preprocessors=preprocessors + postprocess, output_features=features)
   seqio.TaskRegistry.add(
-      "easy_vqa_caption", source=_easy_vqa_source(),
-      preprocessors=[seqio.map_over_dataset(caption_example)] + postprocess,
-      output_features=OUTPUT_FEATURES)
-  seqio.TaskRegistry.add(
-      "easy_vqa_interleaved", source=_easy_vqa_source(),
-      preprocessors=[interleaved_documents] + postprocess, output_features=OUTPUT_FEATURES)
-  seqio.TaskRegistry.add(
-      "easy_vqa_vqa", source=_easy_vqa_source(),
-      preprocessors=[vqa_examples] + postprocess, output_features=OUTPUT_FEATURES)
-  seqio.TaskRegistry.add(
-      "shakespeare_text",
+      "shakespeare_text" + suffix,
       source=seqio.TfdsDataSource(
           tfds_name=f"{SHAKESPEARE}:1.0.0", tfds_data_dir=sources.default_data_dir(),
           splits={"train": "train", "test": "validation", "validation": "validation"}),
       preprocessors=[seqio.map_over_dataset(text_example)] + postprocess,
-      output_features=OUTPUT_FEATURES)
+      output_features=features)
   for name, rates in MIXTURES.items():
-    seqio.MixtureRegistry.add(name, list(rates.items()))
+    seqio.MixtureRegistry.add(name + suffix, [(task + suffix, rate) for task, rate in rates.items()])
 
 
 if "mm1_pretrain" not in seqio.MixtureRegistry.names():
-  _register()
+  register_all()
+
+
+def with_vocabulary(name: str, vocabulary_path: str | None) -> str:
+  """The name of task/mixture `name` tokenized with another SentencePiece model.
+
+  The bundled tasks are registered again, once, under a suffix derived from
+  the model file, so a config can swap tokenizers with one field.
+  """
+  if not vocabulary_path or os.path.abspath(vocabulary_path) == tokenizer.DEFAULT_MODEL:
+    return name
+  suffix = "__" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(vocabulary_path))[0])
+  if name + suffix not in set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()):
+    if name not in set(TASKS) | set(MIXTURES):
+      raise ValueError(f"{name!r} is not a bundled task or mixture, so it cannot be "
+                       "re-tokenized by data.vocabulary; register it with your vocabulary.")
+    if "mm1_pretrain" + suffix not in seqio.MixtureRegistry.names():
+      register_all(tokenizer.get_vocabulary(vocabulary_path), suffix)
+  return name + suffix
 
 
 def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:

@@ -222,3 +222,19 @@ def test_user_tasks_over_files_with_bad_records_skipped_and_counted(tmp_path, fi
   finally:
     for name in (f"test_caps_{suffix}", f"test_docs_{suffix}"):
       seqio.TaskRegistry.remove(name)
+
+
+def test_a_config_can_swap_the_tokenizer(tmp_path):
+  from mm1_jax.data import tokenizer
+  tokenizer.train_tokenizer(str(tmp_path / "small"), vocab_size=1024)
+  config = dataclasses.replace(CONFIG, shuffle=False, pack=False)
+  swapped = make_input(dataclasses.replace(config, vocabulary=str(tmp_path / "small.model")))
+  default = make_input(config)
+  a, b = next(swapped), next(default)
+  assert a["decoder_target_tokens"].max() < 1024 and not np.array_equal(
+      a["decoder_target_tokens"], b["decoder_target_tokens"])
+  text = lambda source, batch: source.vocabulary.decode(
+      [int(t) for t, w in zip(batch["decoder_target_tokens"][0], batch["decoder_loss_weights"][0])
+       if w])
+  assert text(swapped, a) == text(default, b)  # Same example, other pieces.
+  np.testing.assert_array_equal(a["images"], b["images"])
