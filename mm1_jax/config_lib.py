@@ -16,6 +16,7 @@ import ml_collections
 
 from mm1_jax.data.config import InputConfig
 from mm1_jax.models.config import ConfigError, MM1Config
+from mm1_jax.training.optimizer import OptimizerConfig
 
 _PLACEHOLDER_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -52,6 +53,21 @@ def base_config() -> ml_collections.ConfigDict:
   config.data = _dataclass_to_config(InputConfig())
   # Mesh axis sizes; -1 takes the remaining devices.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+  # AdamW, schedule, clipping, freezing (mm1_jax/training/optimizer.py).
+  config.optimizer = _dataclass_to_config(OptimizerConfig())
+  config.train = ml_collections.ConfigDict(dict(
+      num_steps=1000,
+      log_every=10,
+      checkpoint_every=100,
+      keep_checkpoints=3,
+      async_checkpoint=True,
+      seed=0,
+      z_loss_weight=0.0,  # Logit z-loss (PaLM); the MoE router z-loss is in model.llm.moe.
+      # Per-device peak TFLOP/s for MFU; unset: the device table, or a measured CPU matmul.
+      peak_tflops=ml_collections.config_dict.placeholder(float),
+  ))
+  # Parameters-only initialisation from a checkpoint (e.g. converted weights).
+  config.init_from = ml_collections.config_dict.placeholder(str)
   return config
 
 

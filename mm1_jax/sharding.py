@@ -105,8 +105,16 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES):
-  """Makes `mesh` and the logical rules current for model code."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  """Makes `mesh` and the logical rules current for model code.
+
+  Works both around jitted calls and inside a function being traced by jit
+  (where only the abstract mesh can be set).
+  """
+  try:
+    mesh_context = jax.set_mesh(mesh)
+  except ValueError:  # Inside jit.
+    mesh_context = jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+  with mesh_context, nn.logical_axis_rules(rules):
     yield
 
 

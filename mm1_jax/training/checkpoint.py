@@ -1,0 +1,431 @@
+"""Checkpointing of the train state, the data position and parameters.
+
+Layout of a workdir:
+
+    {workdir}/checkpoints/{step}/default/...        Orbax train-state checkpoint
+    {workdir}/data_state/{step}/process_{i}/...     data stream position of host i
+
+Usage in a training loop:
+
+    checkpointer = Checkpointer(workdir, save_every=1000, keep=3)
+    state = checkpointer.restore(abstract_state, data_source) or init_state()
+    with PreemptionGuard() as guard:
+      for step in range(int(state["step"]), num_steps):
+        state = train_step(state, next(data_source))
+        if checkpointer.save(step + 1, state, data_source, force=guard.requested):
+          ...
+        if guard.requested:
+          break
+    checkpointer.save(final_step, state, data_source, force=True)
+    checkpointer.close()
+
+The state saved at step N must be the state after N batches, and the data
+source's position the one after those N batches, so that a restart resumes
+both at the same point.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from typing import Any, Iterable, Mapping, Protocol
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+CHECKPOINTS_DIR = "checkpoints"
+DATA_STATE_DIR = "data_state"
+# The item name Orbax's CheckpointManager uses for a single (default) item.
+STATE_ITEM = ocp.checkpoint_manager.DEFAULT_ITEM_NAME
+PARAMS_KEY = "params"
+# Files Orbax writes into every PyTree checkpoint directory.
+_PYTREE_METADATA_FILE = "_METADATA"
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint's arrays do not match the expected tree (paths or shapes).
+
+  Attributes:
+    missing: paths expected but absent from the checkpoint.
+    unexpected: paths in the checkpoint that are not expected.
+    mismatched: (path, checkpoint shape, expected shape) of differing shapes.
+  """
+
+  def __init__(self, message: str, missing: list[str], unexpected: list[str],
+               mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]):
+    super().__init__(message)
+    self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+
+
+class DataSource(Protocol):
+  """What the Checkpointer needs of an input pipeline (e.g. MultimodalInput)."""
+
+  def save(self, directory: str) -> None:
+    ...
+
+  def restore(self, directory: str) -> None:
+    ...
+
+
+# ---------------------------------------------------------------------------
+# Comparing stored metadata with an abstract tree.
+
+
+def _key_name(key: Any) -> str:
+  """One path element as a string: dict key, sequence index or attribute."""
+  for attribute in ("key", "idx", "name"):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def path_string(path: Iterable[Any]) -> str:
+  """'params/llm/layers/kernel' from a jax key path.
+
+  Orbax stores namedtuples and dataclasses as dicts and tuples as lists, so
+  attribute names and indices are written like dict keys: both sides of a
+  comparison then spell a leaf the same way.
+  """
+  return "/".join(_key_name(key) for key in path)
+
+
+def _stored_shape(leaf: Any) -> tuple[int, ...]:
+  """The shape an abstract leaf has on disk (typed PRNG keys as key data)."""
+  dtype = getattr(leaf, "dtype", None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    # Orbax writes typed keys as their uint32 key data (trailing dims added).
+    return tuple(jax.eval_shape(jax.random.key_data,
+                                jax.ShapeDtypeStruct(leaf.shape, dtype)).shape)
+  shape = getattr(leaf, "shape", None)
+  return tuple(shape) if shape is not None else tuple(np.shape(leaf))
+
+
+def _abstract_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """Path -> on-disk shape for every leaf of an abstract (or concrete) tree."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {path_string(path): _stored_shape(leaf) for path, leaf in leaves}
+
+
+def _metadata_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """Path -> shape for every leaf of an Orbax metadata tree."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {path_string(path): tuple(getattr(leaf, "shape", None) or ())
+          for path, leaf in leaves}
+
+
+def _differences(stored: Mapping[str, tuple[int, ...]],
+                 expected: Mapping[str, tuple[int, ...]]):
+  """(missing, unexpected, mismatched) between checkpoint and expectation."""
+  missing = sorted(set(expected) - set(stored))
+  unexpected = sorted(set(stored) - set(expected))
+  mismatched = [(path, stored[path], expected[path])
+                for path in sorted(set(stored) & set(expected))
+                if tuple(stored[path]) != tuple(expected[path])]
+  return missing, unexpected, mismatched
+
+
+def _describe(missing, unexpected, mismatched, expected_name: str) -> str:
+  """Lines naming every differing, missing and unexpected path."""
+  lines = []
+  if mismatched:
+    lines.append(f"  shape differs (checkpoint vs {expected_name}):")
+    lines += [f"    {path}: checkpoint {stored} vs {expected_name} {wanted}"
+              for path, stored, wanted in mismatched]
+  if missing:
+    lines.append(f"  missing from the checkpoint (in {expected_name} only):")
+    lines += [f"    {path}" for path in missing]
+  if unexpected:
+    lines.append(f"  unexpected in the checkpoint (not in {expected_name}):")
+    lines += [f"    {path}" for path in unexpected]
+  return "\n".join(lines)
+
+
+def _check_matches(stored_tree: Any, abstract: Any, header: str, footer: str,
+                   expected_name: str) -> None:
+  """Raises CheckpointMismatchError if paths or shapes differ."""
+  missing, unexpected, mismatched = _differences(_metadata_shapes(stored_tree),
+                                                 _abstract_shapes(abstract))
+  if missing or unexpected or mismatched:
+    message = "\n".join([header, _describe(missing, unexpected, mismatched, expected_name),
+                         footer])
+    raise CheckpointMismatchError(message, missing, unexpected, mismatched)
+
+
+def _read_tree_metadata(item_dir: epath.Path) -> Any:
+  """The stored tree of ArrayMetadata of one PyTree checkpoint directory."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    return handler.metadata(item_dir).tree
+  finally:
+    handler.close()
+
+
+# ---------------------------------------------------------------------------
+# Train-state checkpoints.
+
+
+class Checkpointer:
+  """Saves and restores the train state and the data position of a workdir.
+
+  The train state (a pytree of sharded jax.Arrays, typed PRNG keys included)
+  goes through an Orbax CheckpointManager in `{workdir}/checkpoints`, saved
+  asynchronously by default: `save` returns once the arrays are copied off
+  the devices and the writing continues in the background. Orbax writes into
+  a temporary directory and renames it on commit, so a process killed during
+  a save leaves a partial directory that `latest_step` and `restore` ignore.
+
+  The data position of every process is written synchronously before the
+  Orbax save starts, so a committed step always has its data position.
+
+  Multi-host: every process must call save / restore / wait / close (Orbax
+  synchronises them); each writes and reads only its own data position.
+  """
+
+  def __init__(self, workdir: str, save_every: int, keep: int, async_save: bool = True):
+    if save_every < 1:
+      raise ValueError(f"save_every must be >= 1, got {save_every}.")
+    if keep < 1:
+      raise ValueError(f"keep must be >= 1, got {keep}.")
+    self.workdir = epath.Path(workdir)
+    self.directory = self.workdir / CHECKPOINTS_DIR
+    self.data_directory = self.workdir / DATA_STATE_DIR
+    self.save_every = save_every
+    self.keep = keep
+    # The same name format for the manager and for latest_step's disk listing.
+    self._name_format = ocp.path.step.standard_name_format()
+    options = ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=async_save,
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+        step_name_format=self._name_format,
+        # Leave partial saves of a killed run alone: constructing a
+        # Checkpointer must not modify a workdir (e.g. one of another config).
+        cleanup_tmp_directories=False,
+        create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  # Saving.
+
+  def should_save(self, step: int, force: bool = False) -> bool:
+    """Whether `save(step, ..., force)` would write a checkpoint."""
+    if step in self._manager.all_steps():
+      return False  # E.g. the final forced save right after a periodic one.
+    return force or step % self.save_every == 0
+
+  def save(self, step: int, state: Any, data_source: DataSource | None = None,
+           force: bool = False) -> bool:
+    """Saves `state` (and the data position) if step % save_every == 0 or force.
+
+    Returns whether a checkpoint was started. With async_save the arrays are
+    written in the background; call `wait()` (or `close()`) before exiting.
+    """
+    if not self.should_save(step, force):
+      return False
+    # Finish the previous save (Orbax would wait here anyway), so the steps it
+    # deleted can have their data positions pruned.
+    self._manager.wait_until_finished()
+    self._prune_data_states()
+    if data_source is not None:
+      self._save_data_state(step, data_source)
+    saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    if saved:
+      logging.info("Checkpoint of step %d started in %s", step, self.directory)
+    return saved
+
+  def _process_data_dir(self, step: int) -> epath.Path:
+    """This process's data position directory of `step`."""
+    return self.data_directory / str(step) / f"process_{jax.process_index()}"
+
+  def _save_data_state(self, step: int, data_source: DataSource) -> None:
+    """Writes this process's data position of `step`, replacing a stale one."""
+    directory = self._process_data_dir(step)
+    if directory.exists():  # Left by a run killed before this step committed.
+      shutil.rmtree(directory)
+    data_source.save(os.fspath(directory))
+
+  def _prune_data_states(self) -> None:
+    """Deletes this process's data positions of steps Orbax no longer keeps."""
+    if not self.data_directory.exists():
+      return
+    kept = set(self._manager.all_steps())
+    for step_dir in self.data_directory.iterdir():
+      if not step_dir.name.isdigit() or int(step_dir.name) in kept:
+        continue
+      own = step_dir / f"process_{jax.process_index()}"
+      if own.exists():
+        shutil.rmtree(own)
+      try:
+        step_dir.rmdir()  # Succeeds for the last process to remove its own.
+      except OSError:
+        pass
+
+  # Querying and restoring.
+
+  def latest_step(self) -> int | None:
+    """The newest committed checkpoint step on disk, or None.
+
+    Read from the directory (not the manager's cache), so a save still in
+    flight and partial directories of killed runs are not counted.
+    """
+    steps = [metadata.step for metadata in self._name_format.find_all(self.directory)]
+    return max(steps, default=None)
+
+  def all_steps(self) -> list[int]:
+    """All committed checkpoint steps on disk, ascending."""
+    return sorted(metadata.step for metadata in self._name_format.find_all(self.directory))
+
+  def restore(self, abstract_state: Any, data_source: DataSource | None = None) -> Any:
+    """Restores the latest committed step into abstract_state's shardings.
+
+    abstract_state: pytree of jax.ShapeDtypeStruct with `.sharding` (any mesh:
+      Orbax reshards on read). Returns None when there is no checkpoint.
+    Raises CheckpointMismatchError, before reading or writing anything else,
+    when the stored paths or shapes differ from abstract_state.
+    """
+    self._manager.wait_until_finished()  # A save of our own still in flight.
+    step = self.latest_step()
+    if step is None:
+      return None
+    self.check_compatible(step, abstract_state)
+    if data_source is not None:
+      self._restore_data_state(step, data_source)
+    state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    logging.info("Restored step %d from %s", step, self.directory)
+    return state
+
+  def check_compatible(self, step: int, abstract_state: Any) -> None:
+    """Raises CheckpointMismatchError if `step` does not fit abstract_state."""
+    item_dir = self._name_format.find_step(self.directory, step).path / STATE_ITEM
+    _check_matches(
+        _read_tree_metadata(item_dir), abstract_state,
+        header=(f"The checkpoint of step {step} in {self.directory} does not match "
+                "the train state of this config:"),
+        footer=(f"The workdir {self.workdir} holds a checkpoint from another config: "
+                "use a fresh --workdir, or the config it was trained with. "
+                "Nothing in the workdir was modified."),
+        expected_name="config")
+
+  def _restore_data_state(self, step: int, data_source: DataSource) -> None:
+    """Restores this process's data position of `step`."""
+    directory = self._process_data_dir(step)
+    if not directory.exists():
+      raise FileNotFoundError(
+          f"No data position for step {step} of process {jax.process_index()} at "
+          f"{directory}; the checkpoint was written without a data source or by a "
+          "different number of processes.")
+    data_source.restore(os.fspath(directory))
+
+  # Lifecycle.
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are committed."""
+    self._manager.wait_until_finished()
+    self._prune_data_states()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases Orbax's resources."""
+    self.wait()
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+# ---------------------------------------------------------------------------
+# Parameters only (converters, fine-tuning from a pretrained run).
+
+
+def save_params(path: str, params: Any) -> None:
+  """Writes a params-only checkpoint to `path` (which must not exist yet)."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(epath.Path(path).absolute(), params)
+    checkpointer.wait_until_finished()
+
+
+def _params_location(path: epath.Path) -> tuple[epath.Path, bool]:
+  """(PyTree directory, whether params are under 'params' of a train state)."""
+  if (path / STATE_ITEM / _PYTREE_METADATA_FILE).exists():
+    return path / STATE_ITEM, True  # A Checkpointer step directory.
+  if (path / _PYTREE_METADATA_FILE).exists():
+    return path, False  # Written by save_params.
+  raise FileNotFoundError(
+      f"{path} is neither a Checkpointer step directory "
+      f"({{workdir}}/{CHECKPOINTS_DIR}/{{step}}) nor a params checkpoint written by "
+      "save_params.")
+
+
+def load_params(path: str, abstract_params: Any) -> Any:
+  """Loads only the parameters of a checkpoint into abstract_params' shardings.
+
+  path: a Checkpointer step directory (its train state's 'params' are read,
+    nothing else) or a directory written by `save_params`.
+  abstract_params: pytree of jax.ShapeDtypeStruct with `.sharding`; dtypes may
+    differ from the stored ones (values are cast).
+  Raises CheckpointMismatchError listing every missing, unexpected and
+  mis-shaped parameter.
+  """
+  path = epath.Path(path).absolute()
+  item_dir, in_train_state = _params_location(path)
+  stored = _read_tree_metadata(item_dir)
+  if in_train_state:
+    if PARAMS_KEY not in stored:
+      raise FileNotFoundError(f"The train state at {path} has no {PARAMS_KEY!r} entry.")
+    stored = stored[PARAMS_KEY]
+  _check_matches(stored, abstract_params,
+                 header=f"The parameters at {path} do not match the expected ones:",
+                 footer="Check that the checkpoint was written for this model config.",
+                 expected_name="expected")
+  # Partial restore reads the 'params' subtree only, not the optimizer state.
+  item = {PARAMS_KEY: abstract_params} if in_train_state else abstract_params
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=in_train_state))
+  return restored[PARAMS_KEY] if in_train_state else restored
+
+
+# ---------------------------------------------------------------------------
+# Preemption.
+
+
+class PreemptionGuard:
+  """Context manager turning SIGTERM into a flag the training loop polls.
+
+  The handler only sets `requested` (doing real work inside a signal handler
+  would interrupt JAX or Orbax at an arbitrary point); the loop saves with
+  force=True and exits when it sees the flag. The previous handlers are put
+  back on exit. Must be entered in the main thread (a Python signal rule).
+
+  Multi-host (TPU pods): hosts receive the signal at different steps, so the
+  local flag alone would make them save different steps. There, combine it
+  with a collective decision, e.g. Orbax's CheckpointManager.reached_preemption
+  (jax.experimental.multihost_utils.reached_preemption_sync_point); only the
+  local flag is implemented here.
+  """
+
+  def __init__(self, signals: Iterable[int] = (signal.SIGTERM,)):
+    self.signals = tuple(signals)
+    self.requested = False
+    self._previous: dict[int, Any] = {}
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    self.requested = True
+    logging.warning("Received signal %d: will checkpoint and stop after this step.", signum)
+
+  def __enter__(self) -> "PreemptionGuard":
+    for signum in self.signals:
+      self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    for signum, previous in self._previous.items():
+      # None means a handler not installed from Python: fall back to default.
+      signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+    self._previous.clear()

@@ -1,0 +1,132 @@
+"""The training loop: restore or create the state, step, log, checkpoint.
+
+    train(config, workdir)
+
+On start the latest complete checkpoint in workdir/checkpoints is restored
+(step, params, optimizer state, RNG and the data position), so a killed or
+preempted run continues exactly where its last checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from mm1_jax import config_lib, sharding, summary
+from mm1_jax.data import pipeline
+from mm1_jax.data.config import InputConfig
+from mm1_jax.models.multimodal import check_image_placeholders
+from mm1_jax.training import checkpoint as checkpoint_lib
+from mm1_jax.training import metrics as metrics_lib
+from mm1_jax.training.optimizer import OptimizerConfig, make_optimizer
+from mm1_jax.training.train_step import TrainStep, count_tokens, make_global_batch
+
+LOSS_LOG = "train_losses.jsonl"  # One {"step", "loss"} line per step (process 0).
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or inf; training stopped before saving anything."""
+
+
+def write_config(config, workdir: str) -> None:
+  """The resolved config, as run, next to the checkpoints."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def build(config) -> tuple[TrainStep, Any]:
+  """The TrainStep (model, optimizer, mesh) of an experiment config."""
+  optimizer_config = OptimizerConfig.from_dict(config.optimizer)
+  model = config_lib.mm1_config(config)
+  # A tower the optimizer freezes gets no gradient computed either.
+  model = model.replace(freeze_encoder=model.freeze_encoder or "encoder" in optimizer_config.freeze,
+                        freeze_llm=model.freeze_llm or "llm" in optimizer_config.freeze)
+  data = InputConfig.from_dict(config.data)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  params = summary.abstract_params(model)
+  counts = summary.count_params(model, params)
+  optimizer, schedule = make_optimizer(optimizer_config, params, config.train.num_steps,
+                                       counts.non_embedding_llm)
+  step = TrainStep(model, optimizer, schedule, mesh, data.batch_size, data.seq_len,
+                   z_loss_weight=config.train.z_loss_weight,
+                   grad_accum_steps=optimizer_config.grad_accum_steps)
+  return step, model
+
+
+def _initial_state(train_step: TrainStep, config, checkpointer, data_source):
+  state = checkpointer.restore(train_step.abstract_state, data_source)
+  if state is not None:
+    logging.info("Restored step %d from %s", int(state["step"]), checkpointer.directory)
+    return state
+  state = train_step.init(jax.random.key(config.train.seed))
+  if config.init_from:
+    params = checkpoint_lib.load_params(config.init_from, train_step.abstract_state["params"])
+    state = {**state, "params": params}
+    logging.info("Initialised parameters from %s", config.init_from)
+  return state
+
+
+def train(config, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir`; returns the last step's metrics."""
+  train_step, model = build(config)
+  num_steps = config.train.num_steps
+  data_source = pipeline.make_input(config.data, model)
+  checkpointer = checkpoint_lib.Checkpointer(
+      workdir, save_every=config.train.checkpoint_every, keep=config.train.keep_checkpoints,
+      async_save=config.train.async_checkpoint)
+  state = _initial_state(train_step, config, checkpointer, data_source)
+  # Only now: a workdir of another config must fail restore before anything is written.
+  write_config(config, workdir)
+  peak, peak_source = metrics_lib.device_peak_tflops(config.train.peak_tflops)
+  logging.info("MFU against %.3f TFLOP/s per device (%s)", peak, peak_source)
+  data_config = InputConfig.from_dict(config.data)
+  reporter = metrics_lib.Reporter(
+      workdir, num_steps,
+      metrics_lib.flops_per_step(model, data_config.batch_size, data_config.seq_len), peak,
+      write=jax.process_index() == 0)
+  loss_log = os.path.join(workdir, LOSS_LOG)
+  last_metrics: dict[str, Any] = {}
+  tokens_since_report = 0
+  with checkpoint_lib.PreemptionGuard() as guard:
+    for step in range(int(state["step"]), num_steps):
+      local_batch = next(data_source)
+      check_image_placeholders(local_batch["decoder_input_tokens"], local_batch["image_mask"],
+                               model.num_image_tokens, model.image_placeholder_id)
+      state, metrics = train_step.step(state, make_global_batch(local_batch, train_step.mesh))
+      done = step + 1
+      loss = float(metrics["loss"])
+      if not math.isfinite(loss):
+        checkpointer.wait()
+        raise NonFiniteLossError(
+            f"loss is {loss} at step {done}; stopping without saving. The last good "
+            f"checkpoint (step {checkpointer.latest_step()}) in {checkpointer.directory} is "
+            "intact: lower the learning rate or check the data, then restart.")
+      if jax.process_index() == 0:
+        with open(loss_log, "a") as f:
+          f.write(json.dumps({"step": done, "loss": loss}) + "\n")
+      tokens_since_report += count_tokens(local_batch) * jax.process_count()
+      if done % config.train.log_every == 0 or done == num_steps:
+        last_metrics = jax.device_get(metrics)
+        line = reporter.report(done, last_metrics, tokens_since_report / config.train.log_every,
+                               {"skipped_examples": data_source.num_skipped})
+        tokens_since_report = 0
+        logging.info("%s", line)
+        if jax.process_index() == 0:
+          print(line, flush=True)
+      preempted = guard.requested
+      checkpointer.save(done, state, data_source, force=preempted or done == num_steps)
+      if preempted:
+        logging.warning("SIGTERM received: saved step %d, exiting.", done)
+        break
+  checkpointer.wait()
+  checkpointer.close()
+  reporter.flush()
+  return {k: float(np.asarray(v)) for k, v in last_metrics.items()}
