@@ -1,0 +1,110 @@
+"""The training loop end to end on the bundled data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from mm1_jax.training import checkpoint as checkpoint_lib
+from mm1_jax.training import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def tiny_config(num_steps=3, **mesh):
+  config = tiny.get_config()
+  config.data.update(batch_size=8, seq_len=128)
+  config.train.update(num_steps=num_steps, log_every=1, checkpoint_every=1, keep_checkpoints=2)
+  config.optimizer.update(warmup_steps=1)
+  if mesh:
+    config.mesh.update({"data": 1, **mesh})
+  return config
+
+
+def losses(workdir):
+  """step -> loss; a resumed run's lines for a step replace the killed run's."""
+  with open(os.path.join(workdir, trainer.LOSS_LOG)) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def test_losses_do_not_depend_on_the_mesh(tmp_path):
+  runs = {}
+  for name, mesh in {"data8": dict(data=8), "fsdp8": dict(fsdp=8),
+                     "data2_tensor2_expert2": dict(data=2, tensor=2, expert=2)}.items():
+    trainer.train(tiny_config(**mesh), str(tmp_path / name))
+    runs[name] = losses(tmp_path / name)
+  reference = runs.pop("data8")
+  assert len(reference) == 3 and reference[3] < reference[1]
+  for name, run in runs.items():
+    np.testing.assert_allclose([run[s] for s in (1, 2, 3)], [reference[s] for s in (1, 2, 3)],
+                               rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def train_command(workdir, num_steps):
+  return [sys.executable, "-m", "mm1_jax.train", "--config=configs/tiny.py",
+          f"--workdir={workdir}", f"--config.train.num_steps={num_steps}",
+          "--config.train.log_every=1", "--config.train.checkpoint_every=5",
+          "--config.optimizer.warmup_steps=2", "--config.data.seq_len=128",
+          "--config.data.batch_size=4"]
+
+
+def single_device_env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = ""  # One CPU device: the subprocess need not simulate 8.
+  return env
+
+
+def test_kill_minus_nine_and_resume_gives_identical_losses(tmp_path):
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  subprocess.run(train_command(straight, 12), cwd=REPO, env=single_device_env(), check=True,
+                 capture_output=True)
+  process = subprocess.Popen(train_command(killed, 12), cwd=REPO, env=single_device_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline:  # Kill once step 8 is done: past the step-5 checkpoint.
+    if (killed / trainer.LOSS_LOG).exists() and max(losses(killed), default=0) >= 8:
+      break
+    time.sleep(0.2)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert max(losses(killed)) < 12  # Really killed mid-run.
+  subprocess.run(train_command(killed, 12), cwd=REPO, env=single_device_env(), check=True,
+                 capture_output=True)
+  expected, got = losses(straight), losses(killed)
+  assert sorted(got) == list(range(1, 13))
+  np.testing.assert_array_equal([got[s] for s in range(1, 13)], [expected[s] for s in range(1, 13)])
+  with open(killed / trainer.LOSS_LOG) as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert steps.count(6) == 2 or steps.count(1) == 2  # The resumed run repeated steps.
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = tiny_config(num_steps=20)
+  config.optimizer.update(learning_rate=1e12, grad_clip_norm=0.0)
+  with pytest.raises(trainer.NonFiniteLossError, match=r"loss is (nan|inf) at step (\d+); "
+                                                        r"stopping without saving") as error:
+    trainer.train(config, str(tmp_path))
+  bad_step = int(error.value.args[0].split("at step ")[1].split(";")[0])
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), save_every=1, keep=2)
+  assert checkpointer.latest_step() == bad_step - 1
+  train_step, _ = trainer.build(config)
+  state = checkpointer.restore(train_step.abstract_state)
+  assert int(state["step"]) == bad_step - 1
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+  # A config of another shape in the same workdir: refused, nothing written.
+  listing = sorted((p, p.stat().st_mtime) for p in tmp_path.rglob("*"))
+  other = tiny_config(num_steps=20)
+  other.model.llm.mlp_dim = 384
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError,
+                     match=r"params/llm/blocks/layer_0/mlp/gate/kernel: checkpoint \(2, 128, 256\) "
+                           r"vs config \(2, 128, 384\)"):
+    trainer.train(other, str(tmp_path))
+  assert sorted((p, p.stat().st_mtime) for p in tmp_path.rglob("*")) == listing
