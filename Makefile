@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup test summary bench clean
+.PHONY: setup test train summary bench clean
 
 setup: $(INSTALLED)
 
@@ -15,8 +15,14 @@ $(INSTALLED): requirements.txt requirements-dev.txt requirements-nodeps.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	touch $@
 
+# Two workers, whole files per worker (module fixtures stay shared).
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
+
+# The default experiment: tiny MM1 (ViT + C-Abstractor + MoE LLM) on mm1_pretrain.
+WORKDIR ?= workdirs/tiny
+train: setup
+	$(PY) -m mm1_jax.train --config=configs/tiny.py --workdir=$(WORKDIR)
 
 # Parameter counts, FLOPs and memory of a config: make summary CONFIG=configs/mm1_30b.py
 CONFIG ?= configs/mm1_3b.py

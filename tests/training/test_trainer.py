@@ -18,10 +18,11 @@ from mm1_jax.training import trainer
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def tiny_config(num_steps=3, **mesh):
+def tiny_config(num_steps=3, checkpoint_every=1, **mesh):
   config = tiny.get_config()
-  config.data.update(batch_size=8, seq_len=128)
-  config.train.update(num_steps=num_steps, log_every=1, checkpoint_every=1, keep_checkpoints=2)
+  config.data.update(batch_size=8, seq_len=64)
+  config.train.update(num_steps=num_steps, log_every=1, checkpoint_every=checkpoint_every,
+                      keep_checkpoints=2)
   config.optimizer.update(warmup_steps=1)
   if mesh:
     config.mesh.update({"data": 1, **mesh})
@@ -38,21 +39,21 @@ def test_losses_do_not_depend_on_the_mesh(tmp_path):
   runs = {}
   for name, mesh in {"data8": dict(data=8), "fsdp8": dict(fsdp=8),
                      "data2_tensor2_expert2": dict(data=2, tensor=2, expert=2)}.items():
-    trainer.train(tiny_config(**mesh), str(tmp_path / name))
+    trainer.train(tiny_config(num_steps=2, checkpoint_every=100, **mesh), str(tmp_path / name))
     runs[name] = losses(tmp_path / name)
   reference = runs.pop("data8")
-  assert len(reference) == 3 and reference[3] < reference[1]
+  assert len(reference) == 2 and reference[1] != reference[2]
   for name, run in runs.items():
-    np.testing.assert_allclose([run[s] for s in (1, 2, 3)], [reference[s] for s in (1, 2, 3)],
+    np.testing.assert_allclose([run[s] for s in (1, 2)], [reference[s] for s in (1, 2)],
                                rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def train_command(workdir, num_steps):
   return [sys.executable, "-m", "mm1_jax.train", "--config=configs/tiny.py",
           f"--workdir={workdir}", f"--config.train.num_steps={num_steps}",
-          "--config.train.log_every=1", "--config.train.checkpoint_every=5",
-          "--config.optimizer.warmup_steps=2", "--config.data.seq_len=128",
-          "--config.data.batch_size=4"]
+          "--config.train.log_every=1", "--config.train.checkpoint_every=3",
+          "--config.optimizer.warmup_steps=2", "--config.data.seq_len=64",
+          "--config.data.batch_size=2"]
 
 
 def single_device_env():
@@ -63,26 +64,29 @@ def single_device_env():
 
 def test_kill_minus_nine_and_resume_gives_identical_losses(tmp_path):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
-  subprocess.run(train_command(straight, 12), cwd=REPO, env=single_device_env(), check=True,
-                 capture_output=True)
-  process = subprocess.Popen(train_command(killed, 12), cwd=REPO, env=single_device_env(),
+  steps = 8
+  straight_run = subprocess.Popen(train_command(straight, steps), cwd=REPO,
+                                  env=single_device_env(), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE)
+  process = subprocess.Popen(train_command(killed, steps), cwd=REPO, env=single_device_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
-  while time.time() < deadline:  # Kill once step 8 is done: past the step-5 checkpoint.
-    if (killed / trainer.LOSS_LOG).exists() and max(losses(killed), default=0) >= 8:
+  while time.time() < deadline:  # Kill once step 5 is done: past the step-3 checkpoint.
+    if (killed / trainer.LOSS_LOG).exists() and max(losses(killed), default=0) >= 5:
       break
-    time.sleep(0.2)
+    time.sleep(0.1)
   process.send_signal(signal.SIGKILL)
   process.wait()
-  assert max(losses(killed)) < 12  # Really killed mid-run.
-  subprocess.run(train_command(killed, 12), cwd=REPO, env=single_device_env(), check=True,
+  assert max(losses(killed)) < steps  # Really killed mid-run.
+  subprocess.run(train_command(killed, steps), cwd=REPO, env=single_device_env(), check=True,
                  capture_output=True)
+  assert straight_run.wait() == 0, straight_run.stderr.read().decode()[-2000:]
   expected, got = losses(straight), losses(killed)
-  assert sorted(got) == list(range(1, 13))
-  np.testing.assert_array_equal([got[s] for s in range(1, 13)], [expected[s] for s in range(1, 13)])
+  assert sorted(got) == list(range(1, steps + 1))
+  np.testing.assert_array_equal([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)])
   with open(killed / trainer.LOSS_LOG) as f:
-    steps = [json.loads(line)["step"] for line in f]
-  assert steps.count(6) == 2 or steps.count(1) == 2  # The resumed run repeated steps.
+    logged = [json.loads(line)["step"] for line in f]
+  assert logged.count(4) == 2 or logged.count(1) == 2  # The resumed run repeated steps.
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
