@@ -52,15 +52,16 @@ def maybe_initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Progress lines are printed; library INFO chatter (tf.data, SeqIO, Orbax)
+    # is left for --verbosity=0.
+    logging.set_verbosity(logging.WARNING)
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # TF only reads data; keep it off accelerators.
   maybe_initialize_distributed()
   for module in _IMPORT.value:
     importlib.import_module(module)
   from mm1_jax.training import trainer
-  import jax
-  logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
-               jax.device_count())
   trainer.train(_CONFIG.value, _WORKDIR.value)
 
 

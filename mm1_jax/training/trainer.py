@@ -30,6 +30,13 @@ from mm1_jax.training.train_step import TrainStep, count_tokens, make_global_bat
 LOSS_LOG = "train_losses.jsonl"  # One {"step", "loss"} line per step (process 0).
 
 
+def say(message: str) -> None:
+  """A line for the person watching: printed by process 0, logged by all."""
+  logging.info("%s", message)
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or inf; training stopped before saving anything."""
 
@@ -64,13 +71,13 @@ def build(config) -> tuple[TrainStep, Any]:
 def _initial_state(train_step: TrainStep, config, checkpointer, data_source):
   state = checkpointer.restore(train_step.abstract_state, data_source)
   if state is not None:
-    logging.info("Restored step %d from %s", int(state["step"]), checkpointer.directory)
+    say(f"Restored step {int(state['step'])} from {checkpointer.directory}")
     return state
   state = train_step.init(jax.random.key(config.train.seed))
   if config.init_from:
     params = checkpoint_lib.load_params(config.init_from, train_step.abstract_state["params"])
     state = {**state, "params": params}
-    logging.info("Initialised parameters from %s", config.init_from)
+    say(f"Initialised parameters from {config.init_from}")
   return state
 
 
@@ -86,7 +93,8 @@ def train(config, workdir: str) -> dict[str, Any]:
   # Only now: a workdir of another config must fail restore before anything is written.
   write_config(config, workdir)
   peak, peak_source = metrics_lib.device_peak_tflops(config.train.peak_tflops)
-  logging.info("MFU against %.3f TFLOP/s per device (%s)", peak, peak_source)
+  say(f"{jax.process_count()} process(es), {jax.device_count()} devices, mesh "
+      f"{dict(train_step.mesh.shape)}; MFU against {peak:.3f} TFLOP/s per device ({peak_source})")
   data_config = InputConfig.from_dict(config.data)
   reporter = metrics_lib.Reporter(
       workdir, num_steps,
@@ -118,13 +126,11 @@ def train(config, workdir: str) -> dict[str, Any]:
         line = reporter.report(done, last_metrics, tokens_since_report / config.train.log_every,
                                {"skipped_examples": data_source.num_skipped})
         tokens_since_report = 0
-        logging.info("%s", line)
-        if jax.process_index() == 0:
-          print(line, flush=True)
+        say(line)
       preempted = guard.requested
       checkpointer.save(done, state, data_source, force=preempted or done == num_steps)
       if preempted:
-        logging.warning("SIGTERM received: saved step %d, exiting.", done)
+        say(f"SIGTERM received: saved step {done}, exiting.")
         break
   checkpointer.wait()
   checkpointer.close()
