@@ -4,12 +4,33 @@
 
 Shapes come from jax.eval_shape of the model's init, so even the 30B config
 is summarised in seconds on a laptop.
+
+Compiled memory analysis (`--memory_analysis`): the real train step of the
+config (mm1_jax.training.trainer.build: model, loss, AdamW, remat, grad
+accumulation) is lowered and compiled for a mesh of virtual CPU devices on
+abstract inputs, and XLA's per-device buffer assignment is printed:
+
+    python -m mm1_jax.summary --config=configs/mm1_3b.py --memory_analysis \
+        --mesh=fsdp=256 --batch_size=512 --seq_len=4096 --device_memory_gib=16 \
+        --config.model.llm.remat_policy=full --config.model.encoder.remat_policy=full
+
+The mesh needs that many devices: the program re-runs itself in a child
+process with XLA_FLAGS=--xla_force_host_platform_device_count=N and
+JAX_PLATFORMS=cpu (set them yourself to skip the re-run). Nothing is
+allocated, but compiling is real work: minutes for a 3B model on 2 cores.
+The figures are those of XLA's CPU compiler (its fusion and scheduling);
+a TPU or GPU compile of the same step differs, so keep a margin.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import os
+import subprocess
+import sys
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -149,18 +170,203 @@ def format_summary(config: MM1Config, seq_len: int, num_devices: int) -> str:
   return "\n".join(lines)
 
 
+def format_bytes(num_bytes: float) -> str:
+  """1.5 * 2**30 -> '1.50 GiB'; below a GiB in MiB."""
+  if abs(num_bytes) >= 2**30:
+    return f"{num_bytes / 2**30:.2f} GiB"
+  return f"{num_bytes / 2**20:.1f} MiB"
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """"fsdp=256" or "data=2,fsdp=128" -> {axis: size}; axes not named are 1."""
+  sizes = {}
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    axis, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"mesh: expected axis=size items like 'data=2,fsdp=128', got {item!r}.")
+    sizes[axis.strip()] = int(value)
+  return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledMemory:
+  """Per-device bytes of a compiled program (XLA's buffer assignment)."""
+  argument: int
+  output: int
+  alias: int  # Outputs that reuse (donated) argument buffers.
+  temp: int  # Peak of everything live only inside the program (activations, ...).
+  generated_code: int
+
+  @classmethod
+  def from_compiled(cls, compiled) -> "CompiledMemory":
+    stats = compiled.memory_analysis()
+    if isinstance(stats, (list, tuple)):  # Some backends give one per device / program.
+      stats = stats[0]
+    return cls(argument=int(stats.argument_size_in_bytes),
+               output=int(stats.output_size_in_bytes), alias=int(stats.alias_size_in_bytes),
+               temp=int(stats.temp_size_in_bytes),
+               generated_code=int(stats.generated_code_size_in_bytes))
+
+  @property
+  def total(self) -> int:
+    """What one device needs at the peak: arguments, outputs not aliased to a
+    donated argument, temporaries and the code."""
+    return self.argument + self.output - self.alias + self.temp + self.generated_code
+
+  def format(self) -> str:
+    gib = format_bytes
+    return (f"arguments {gib(self.argument)}, outputs {gib(self.output)} (aliased to donated "
+            f"arguments {gib(self.alias)}), temp {gib(self.temp)}, generated code "
+            f"{gib(self.generated_code)}; total {gib(self.total)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStepMemory:
+  """Compiled memory of a config's train step on a mesh (per device)."""
+  mesh: dict[str, int]
+  batch_size: int
+  seq_len: int
+  params_bytes: int  # This device's shards of the parameters.
+  optimizer_bytes: int  # ... of the optimizer state.
+  compiled: CompiledMemory
+  lower_seconds: float
+  compile_seconds: float
+  model: MM1Config
+  grad_accum_steps: int
+
+
+def _per_device_bytes(tree) -> int:
+  """Bytes of one device's shards (the largest shard of each leaf)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
+def train_step_memory(experiment, mesh: dict[str, int], batch_size: int | None = None,
+                      seq_len: int | None = None) -> TrainStepMemory:
+  """Lowers and compiles the experiment's train step on abstract inputs.
+
+  experiment: an experiment ConfigDict (configs/*.py); mesh: axis sizes whose
+  product is jax.device_count() (-1 allowed for one axis); batch_size,
+  seq_len: the global batch (default: the config's data section). Nothing is
+  allocated on the devices.
+  """
+  from mm1_jax.training import trainer  # Here: the trainer imports this module.
+
+  experiment = copy.deepcopy(experiment)
+  with experiment.unlocked():
+    unknown = sorted(set(mesh) - set(experiment.mesh))
+    if unknown:
+      raise ValueError(f"mesh: unknown axis {unknown}; the mesh axes are "
+                       f"{sorted(experiment.mesh)}.")
+    for axis in experiment.mesh:
+      experiment.mesh[axis] = int(mesh.get(axis, 1))
+    if batch_size is not None:
+      experiment.data.batch_size = batch_size
+    if seq_len is not None:
+      experiment.data.seq_len = seq_len
+  train_step, model = trainer.build(experiment)
+  start = time.perf_counter()
+  lowered = train_step.lower()
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  done = time.perf_counter()
+  state = train_step.abstract_state
+  return TrainStepMemory(
+      mesh={k: int(v) for k, v in train_step.mesh.shape.items()},
+      batch_size=train_step.batch_size, seq_len=train_step.seq_len,
+      params_bytes=_per_device_bytes(state["params"]),
+      optimizer_bytes=_per_device_bytes(state["opt_state"]),
+      compiled=CompiledMemory.from_compiled(compiled),
+      lower_seconds=lowered_at - start, compile_seconds=done - lowered_at, model=model,
+      grad_accum_steps=train_step.grad_accum_steps)
+
+
+def format_train_step_memory(report: TrainStepMemory, device_memory_gib: float) -> str:
+  num_devices = math.prod(report.mesh.values())
+  mesh = ",".join(f"{k}={v}" for k, v in report.mesh.items() if v > 1) or "1 device"
+  model = report.model
+  gib = format_bytes
+  total = report.compiled.total
+  limit = device_memory_gib * 2**30
+  lines = [
+      f"compiled train step: mesh {mesh} ({num_devices} {jax.devices()[0].platform} devices), "
+      f"global batch {report.batch_size} x {report.seq_len} tokens "
+      f"({report.batch_size // max(num_devices // report.mesh.get('tensor', 1), 1)} rows/device"
+      f"{f', {report.grad_accum_steps} micro-batches' if report.grad_accum_steps > 1 else ''}), "
+      f"dtype {model.dtype}, remat llm={model.llm.remat_policy} "
+      f"encoder={model.encoder.remat_policy}",
+      f"  lower {report.lower_seconds:.1f} s, compile {report.compile_seconds:.1f} s",
+      f"  per device, from the shardings: params {gib(report.params_bytes)}, "
+      f"optimizer state {gib(report.optimizer_bytes)}",
+      f"  per device, compiled.memory_analysis(): {report.compiled.format()}",
+      f"  fits {device_memory_gib:g} GiB/device: {'yes' if total <= limit else 'NO'} "
+      f"({100 * total / limit:.0f}% used)",
+  ]
+  return "\n".join(lines)
+
+
+_CHILD_ENV = "MM1_SUMMARY_DEVICES"
+
+
+def _rerun_with_devices(num_devices: int) -> int:
+  """Runs this program again with `num_devices` virtual CPU devices."""
+  env = dict(os.environ)
+  xla_flags = [f for f in env.get("XLA_FLAGS", "").split()
+               if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(xla_flags + [
+      f"--xla_force_host_platform_device_count={num_devices}"])
+  env["JAX_PLATFORMS"] = "cpu"
+  env[_CHILD_ENV] = str(num_devices)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+  return subprocess.call([sys.executable, "-m", "mm1_jax.summary", *sys.argv[1:]], env=env)
+
+
 def main(argv):
   del argv
-  config = config_lib.mm1_config(flags.FLAGS.config)
-  print(format_summary(config, flags.FLAGS.seq_len, flags.FLAGS.num_devices))
+  FLAGS = flags.FLAGS
+  if not FLAGS.memory_analysis:
+    config = config_lib.mm1_config(FLAGS.config)
+    print(format_summary(config, FLAGS.seq_len, FLAGS.num_devices))
+    return
+  mesh = parse_mesh(FLAGS.mesh) if FLAGS.mesh else dict(FLAGS.config.mesh)
+  num_devices = math.prod(mesh.values())
+  if num_devices < 0:  # One axis is -1: it takes what --num_devices leaves.
+    mesh[next(k for k, v in mesh.items() if v == -1)] = FLAGS.num_devices // -num_devices
+    num_devices = math.prod(mesh.values())
+  already = f"--xla_force_host_platform_device_count={num_devices}" in os.environ.get(
+      "XLA_FLAGS", "").split() and os.environ.get("JAX_PLATFORMS") == "cpu"
+  if not already and os.environ.get(_CHILD_ENV) != str(num_devices):
+    sys.exit(_rerun_with_devices(num_devices))
+  if jax.device_count() != num_devices:
+    raise app.UsageError(f"the mesh {mesh} needs {num_devices} devices, JAX has "
+                         f"{jax.device_count()}; set XLA_FLAGS="
+                         f"--xla_force_host_platform_device_count={num_devices} "
+                         "JAX_PLATFORMS=cpu before JAX starts.")
+  config = config_lib.mm1_config(FLAGS.config)
+  print(format_summary(config, FLAGS.seq_len, num_devices), flush=True)
+  report = train_step_memory(FLAGS.config, mesh, FLAGS.batch_size, FLAGS.seq_len)
+  print(format_train_step_memory(report, FLAGS.device_memory_gib), flush=True)
 
 
 if __name__ == "__main__":
   # Flags are defined only when run as a program: the counting functions above
   # are also imported by the trainer and benchmarks, which define their own.
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-  flags.DEFINE_integer("seq_len", 4096, "Sequence length for attention FLOPs.")
+  flags.DEFINE_integer("seq_len", 4096, "Sequence length for attention FLOPs "
+                       "(and of the batch of --memory_analysis).")
   flags.DEFINE_integer("num_devices", 256, "Devices the training state is spread over (fsdp) "
                        "for the per-device memory estimate.")
+  flags.DEFINE_bool("memory_analysis", False, "Compile the train step for --mesh on virtual "
+                    "CPU devices and print XLA's per-device memory (see the module doc).")
+  flags.DEFINE_string("mesh", "", "Mesh for --memory_analysis, e.g. 'fsdp=256' or "
+                      "'data=2,fsdp=128'; default: the config's mesh over --num_devices.")
+  flags.DEFINE_integer("batch_size", None, "Global batch for --memory_analysis; default: "
+                       "the config's data.batch_size.")
+  flags.DEFINE_float("device_memory_gib", 16.0, "Memory of one device, for the fits/does "
+                     "not fit verdict of --memory_analysis.")
   flags.mark_flag_as_required("config")
   app.run(main)

@@ -247,18 +247,28 @@ class Checkpointer:
     data_source.save(os.fspath(directory))
 
   def _prune_data_states(self) -> None:
-    """Deletes this process's data positions of steps Orbax no longer keeps."""
+    """Deletes this process's data positions of steps Orbax no longer keeps.
+
+    Multi-host: only steps older than the newest kept one are pruned; a newer
+    step directory may be another process's save in flight (processes are at
+    most one save apart: Orbax saves are collective).
+    """
     if not self.data_directory.exists():
       return
     kept = set(self._manager.all_steps())
+    newest = max(kept, default=-1)
     for step_dir in self.data_directory.iterdir():
-      if not step_dir.name.isdigit() or int(step_dir.name) in kept:
+      if (not step_dir.name.isdigit() or int(step_dir.name) in kept
+          or int(step_dir.name) > newest):
         continue
       own = step_dir / f"process_{jax.process_index()}"
       if own.exists():
         shutil.rmtree(own)
       try:
-        step_dir.rmdir()  # Succeeds for the last process to remove its own.
+        # os.rmdir, not epath's rmdir: that raises ValueError on a non-empty
+        # directory and checks before removing recursively, so it could delete
+        # another process's data position written in between.
+        os.rmdir(os.fspath(step_dir))  # Succeeds for the last process to remove its own.
       except OSError:
         pass
 

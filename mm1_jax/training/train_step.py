@@ -138,21 +138,22 @@ class TrainStep:
         lambda x: x.reshape((self.grad_accum_steps, -1) + x.shape[1:]), batch)
 
     def accumulate(carry, micro_batch):
-      grads_sum, metrics_sum = carry
+      grads_sum, metrics_sum, tokens_sum = carry
       (_, metrics), grads = grad_fn(params, micro_batch)
       tokens = metrics["num_tokens"]
       grads_sum = jax.tree.map(lambda a, g: a + g * tokens, grads_sum, grads)
       metrics_sum = jax.tree.map(lambda a, m: a + m * tokens, metrics_sum, metrics)
-      return (grads_sum, metrics_sum), None
+      return (grads_sum, metrics_sum, tokens_sum + tokens), None
 
     zeros_grads = jax.tree.map(jnp.zeros_like, params)
     first = jax.tree.map(lambda x: x[0], micro)
     metrics_shape = jax.eval_shape(lambda: grad_fn(params, first)[0][1])
     zeros_metrics = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics_shape)
-    (grads_sum, metrics_sum), _ = jax.lax.scan(accumulate, (zeros_grads, zeros_metrics), micro)
-    total = jnp.maximum(metrics_sum["num_tokens"], 1.0)
+    (grads_sum, metrics_sum, tokens), _ = jax.lax.scan(
+        accumulate, (zeros_grads, zeros_metrics, jnp.zeros((), jnp.float32)), micro)
+    total = jnp.maximum(tokens, 1.0)
     metrics = jax.tree.map(lambda m: m / total, metrics_sum)
-    metrics["num_tokens"] = metrics_sum["num_tokens"]
+    metrics["num_tokens"] = tokens
     return jax.tree.map(lambda g: g / total, grads_sum), metrics
 
   def _step(self, state, batch):

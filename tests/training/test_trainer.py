@@ -112,3 +112,55 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
                            r"vs config \(2, 128, 384\)"):
     trainer.train(other, str(tmp_path))
   assert sorted((p, p.stat().st_mtime) for p in tmp_path.rglob("*")) == listing
+
+
+def test_gradient_accumulation_equals_the_full_batch_step():
+  """Two micro-batches of 4 give the step of one batch of 8 (dense model: the
+  MoE balance loss is not additive over micro-batches)."""
+  from mm1_jax import config_lib, sharding
+  from mm1_jax.data import pipeline
+  import optax
+  from mm1_jax.training.train_step import TrainStep, make_global_batch
+
+  config = tiny.get_config("dense")
+  config.data.update(batch_size=8, seq_len=64)
+  config.optimizer.update(warmup_steps=1)
+  config.train.update(num_steps=3)
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])  # One device: fast.
+  model = config_lib.mm1_config(config)
+  # Plain SGD with lr 1: the parameter change is exactly the gradient (Adam's
+  # first step is ~lr * sign(g), which rounding flips for near-zero gradients).
+  optimizer, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
+  source = pipeline.make_input(config.data, model, process_index=0, process_count=1)
+  batch = next(source)
+  results = []
+  for accumulation in (1, 2):
+    built = TrainStep(model, optimizer, schedule, mesh, 8, 64, grad_accum_steps=accumulation)
+    state = built.init(jax.random.key(0))
+    state, metrics = built.step(state, make_global_batch(batch, mesh))
+    results.append((jax.device_get(state["params"]), jax.device_get(metrics)))
+  (params_1, metrics_1), (params_2, metrics_2) = results
+  np.testing.assert_allclose(metrics_2["loss"], metrics_1["loss"], rtol=1e-5)
+  np.testing.assert_allclose(metrics_2["grad_norm"], metrics_1["grad_norm"], rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               params_2, params_1)
+
+
+def test_sigterm_saves_and_exits(tmp_path):
+  command = train_command(tmp_path, 1000)
+  process = subprocess.Popen(command, cwd=REPO, env=single_device_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline:
+      if (tmp_path / trainer.LOSS_LOG).exists() and max(losses(tmp_path), default=0) >= 2:
+        break
+      time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0].decode()
+  finally:
+    process.kill()
+  assert process.returncode == 0
+  saved = int(output.split("SIGTERM received: saved step ")[1].split(",")[0])
+  assert saved >= 2
+  assert checkpoint_lib.Checkpointer(str(tmp_path), save_every=3, keep=3).latest_step() == saved
