@@ -190,7 +190,9 @@ class Checkpointer:
       raise ValueError(f"save_every must be >= 1, got {save_every}.")
     if keep < 1:
       raise ValueError(f"keep must be >= 1, got {keep}.")
-    self.workdir = epath.Path(workdir)
+    # Orbax's tensorstore layer refuses relative paths (`make train` passes one).
+    workdir = str(workdir)
+    self.workdir = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
     self.directory = self.workdir / CHECKPOINTS_DIR
     self.data_directory = self.workdir / DATA_STATE_DIR
     self.save_every = save_every

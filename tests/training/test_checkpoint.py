@@ -335,3 +335,17 @@ def test_preemption_guard_sets_flag_and_restores_previous_handler():
     assert calls == [signal.SIGTERM]
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+def test_relative_workdir_is_made_absolute(tmp_path, monkeypatch):
+  """Orbax rejects relative paths; `make train` passes workdirs/tiny."""
+  import jax.numpy as jnp
+  from mm1_jax.training.checkpoint import Checkpointer
+  monkeypatch.chdir(tmp_path)
+  checkpointer = Checkpointer("relative/workdir", save_every=1, keep=1)
+  state = {"step": jnp.ones((), jnp.int32), "params": {"w": jnp.arange(4.0)}}
+  assert checkpointer.save(1, state)
+  checkpointer.wait()
+  assert checkpointer.latest_step() == 1
+  assert (tmp_path / "relative/workdir/checkpoints/1").exists()
+  checkpointer.close()
