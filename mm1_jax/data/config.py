@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mm1_jax.models.config import ConfigError
+from mm1_jax.models.config import dataclass_from_dict, to_plain_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +30,4 @@ class InputConfig:
 
   @classmethod
   def from_dict(cls, values) -> "InputConfig":
-    values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ConfigError(f"Unknown field(s) {', '.join('data.' + u for u in unknown)}; data "
-                        f"accepts: {', '.join(sorted(known))}.")
-    return cls(**values)
+    return dataclass_from_dict(cls, to_plain_dict(values), "data")

@@ -164,7 +164,7 @@ class MM1Config:
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "MM1Config":
     """Builds and validates a config from a (nested) dict or ConfigDict."""
-    config = _from_dict(cls, _to_plain_dict(values), "model")
+    config = dataclass_from_dict(cls, to_plain_dict(values), "model")
     validate(config)
     return config
 
@@ -172,15 +172,18 @@ class MM1Config:
     return dataclasses.replace(self, **changes)
 
 
-def _to_plain_dict(values: Any) -> Any:
+def to_plain_dict(values: Any) -> Any:
+  """A ConfigDict (or dict) as nested plain dicts."""
   if hasattr(values, "to_dict"):
     values = values.to_dict()
   if isinstance(values, Mapping):
-    return {k: _to_plain_dict(v) for k, v in values.items()}
+    return {k: to_plain_dict(v) for k, v in values.items()}
   return values
 
 
-def _from_dict(cls, values: Mapping[str, Any], path: str):
+def dataclass_from_dict(cls, values: Mapping[str, Any], path: str):
+  """Builds dataclass `cls` from a (nested) dict; unknown keys raise ConfigError
+  naming them as `path.key` and listing the accepted ones."""
   fields = {f.name: f for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - set(fields))
   if unknown:
@@ -191,7 +194,7 @@ def _from_dict(cls, values: Mapping[str, Any], path: str):
   for name, value in values.items():
     nested = _NESTED.get((cls, name))
     if nested is not None:
-      kwargs[name] = _from_dict(nested, value, f"{path}.{name}")
+      kwargs[name] = dataclass_from_dict(nested, value, f"{path}.{name}")
     elif isinstance(value, list):
       kwargs[name] = tuple(value)
     else:

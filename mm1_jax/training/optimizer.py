@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mm1_jax.models.config import ConfigError
+from mm1_jax.models.config import ConfigError, dataclass_from_dict, to_plain_dict
 
 # Top-level parts of MM1Model's params that `freeze` may name.
 PARTS = ("encoder", "connector", "llm")
@@ -78,13 +78,7 @@ class OptimizerConfig:
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "OptimizerConfig":
     """From a dict or ConfigDict; unknown keys raise ConfigError naming them."""
-    values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ConfigError(f"Unknown field(s) {', '.join('optimizer.' + u for u in unknown)}; "
-                        f"optimizer accepts: {', '.join(sorted(known))}.")
-    return cls(**values)
+    return dataclass_from_dict(cls, to_plain_dict(values), "optimizer")
 
 
 def _require(ok: bool, field: str, message: str) -> None:
