@@ -79,7 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=16,
       seed=0,
   ))
-  # Parameters-only initialisation from a checkpoint (e.g. converted weights).
+  # Parameters-only initialisation: comma-separated checkpoints, each holding the
+  # whole params tree or some components (converted 'encoder' / 'llm' weights).
   config.init_from = ml_collections.config_dict.placeholder(str)
   return config
 

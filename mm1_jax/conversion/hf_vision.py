@@ -13,7 +13,9 @@ in hub checkpoints and older transformers (a "vision_model." prefix; DINOv2's
 
 The result is a plain nested dict of numpy arrays shaped like
 nn.unbox(VisionTransformer(config).init(...))["params"]; the scanned block
-parameters are stacked on a leading layer axis.
+parameters are stacked on a leading layer axis. The stacks are allocated once
+and filled slice by slice, reading one source tensor at a time, so a lazy
+state dict (safetensors_dir.LazyStateDict) costs the result plus one tensor.
 """
 
 from __future__ import annotations
@@ -186,44 +188,68 @@ def _to_numpy(value: Any) -> np.ndarray:
   return np.asarray(value)
 
 
-def _canonicalize(state_dict: Mapping[str, Any], model_type: str) -> dict[str, tuple[str, Any]]:
-  """canonical (transformers 5) key -> (key as given, tensor)."""
-  out: dict[str, tuple[str, Any]] = {}
-  for key, value in state_dict.items():
+def _canonical_keys(state_dict: Mapping[str, Any], model_type: str) -> dict[str, str]:
+  """canonical (transformers 5) key -> key as given. Reads names only, so a
+  lazy mapping (safetensors_dir.LazyStateDict) loads nothing here."""
+  out: dict[str, str] = {}
+  for key in state_dict.keys():
     canonical = key
     for pattern, replacement in _LEGACY_RENAMES[model_type]:
       canonical = re.sub(pattern, replacement, canonical)
     if canonical in out:
-      raise ValueError(f"{model_type}: state dict has both {out[canonical][0]!r} and {key!r}, "
+      raise ValueError(f"{model_type}: state dict has both {out[canonical]!r} and {key!r}, "
                        "which name the same tensor.")
-    out[canonical] = (key, value)
+    out[canonical] = key
   return out
 
 
 class _Reader:
-  """Takes tensors out of a state dict, recording every problem on the way."""
+  """Takes tensors out of a state dict one at a time, recording every problem
+  on the way, and writes them into preallocated params arrays."""
 
-  def __init__(self, tensors: dict[str, tuple[str, Any]], dtype: Any):
-    self.tensors = tensors
+  def __init__(self, state_dict: Mapping[str, Any], model_type: str, dtype: Any):
+    self.state_dict = state_dict
+    self.keys = _canonical_keys(state_dict, model_type)  # canonical -> given
     self.dtype = dtype
     self.used: set[str] = set()
     self.missing: list[str] = []
     self.mismatched: list[str] = []
+    self.params: dict[tuple[str, ...], np.ndarray] = {}  # our path -> array
 
-  def take(self, key: str | None, shape: tuple[int, ...], what: str,
-           transform: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> np.ndarray | None:
-    """The tensor `key`, which must have HF shape `shape`, transformed; None on error."""
-    if key is None or key not in self.tensors:
+  def _read(self, key: str | None, shape: tuple[int, ...], what: str) -> np.ndarray | None:
+    """The tensor `key` (canonical name), which must have HF shape `shape`; None on error."""
+    if key is None or key not in self.keys:
       self.missing.append(key or f"<{what}: the config needs it but this model has none>")
       return None
     self.used.add(key)
-    original, value = self.tensors[key]
-    value = _to_numpy(value)
+    original = self.keys[key]
+    value = _to_numpy(self.state_dict[original])
     if tuple(value.shape) != tuple(shape):
       self.mismatched.append(f"{original}: shape {tuple(value.shape)} does not fit the config, "
                              f"which needs {tuple(shape)} ({what})")
       return None
-    return np.asarray(transform(value), dtype=self.dtype)
+    return value
+
+  def take(self, path: tuple[str, ...], key: str | None, shape: tuple[int, ...], what: str,
+           transform: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> None:
+    """params[path] = transform(tensor `key`), cast to the params dtype."""
+    value = self._read(key, shape, what)
+    if value is not None:
+      self.params[path] = np.asarray(transform(value), dtype=self.dtype)
+
+  def take_layer(self, path: tuple[str, ...], index: int, num_layers: int, key: str | None,
+                 shape: tuple[int, ...], what: str,
+                 transform: Callable[[np.ndarray], np.ndarray]) -> None:
+    """params[path][index] = transform(tensor `key`): the stack [num_layers, ...]
+    is allocated at its first slice and filled in place, so the blocks exist
+    once (not as per-layer arrays plus their np.stack)."""
+    value = self._read(key, shape, what)
+    if value is None:
+      return
+    value = transform(value)
+    if path not in self.params:
+      self.params[path] = np.empty((num_layers,) + value.shape, dtype=self.dtype)
+    self.params[path][index] = value  # Casts to the params dtype in place.
 
 
 def _listing(title: str, items: list[str], limit: int = 20) -> str:
@@ -245,36 +271,34 @@ def convert_hf_vision(state_dict: Mapping[str, Any], config: VitConfig, model_ty
   """
   _check_model_type(model_type)
   names = _NAMES[model_type]
-  reader = _Reader(_canonicalize(state_dict, model_type), np.dtype(dtype))
+  reader = _Reader(state_dict, model_type, np.dtype(dtype))
   c = config
   d, p, heads = c.width, c.patch_size, c.num_heads
   head_dim, mlp = d // heads, c.mlp_dim
   num_pos = c.trained_grid_size**2 + (1 if c.class_token else 0)
 
-  top: dict[tuple[str, ...], np.ndarray | None] = {}
   # torch conv [out, in, kh, kw] -> our patchify kernel [kh, kw, in, out].
-  top[("patch_embed", "kernel")] = reader.take(
-      names.patch_weight, (d, 3, p, p), "patch conv [width, 3, patch, patch]",
-      lambda w: w.transpose(2, 3, 1, 0))
+  reader.take(("patch_embed", "kernel"), names.patch_weight, (d, 3, p, p),
+              "patch conv [width, 3, patch, patch]", lambda w: w.transpose(2, 3, 1, 0))
   if c.patch_bias:
-    top[("patch_embed", "bias")] = reader.take(names.patch_bias, (d,), "patch conv bias [width]")
+    reader.take(("patch_embed", "bias"), names.patch_bias, (d,), "patch conv bias [width]")
   pos_shape = (1, num_pos, d) if names.pos_has_batch_dim else (num_pos, d)
-  top[("pos_embed",)] = reader.take(
-      names.pos_embed, pos_shape,
+  reader.take(
+      ("pos_embed",), names.pos_embed, pos_shape,
       f"position embeddings: trained grid {c.trained_grid_size}**2"
       f"{' + class token' if c.class_token else ''}, width",
       lambda w: w.reshape(num_pos, d))
   if c.class_token:
-    top[("class_token",)] = reader.take(
-        names.class_token, (1, 1, d) if model_type == "dinov2" else (d,), "class token",
-        lambda w: w.reshape(d))
+    reader.take(("class_token",), names.class_token,
+                (1, 1, d) if model_type == "dinov2" else (d,), "class token",
+                lambda w: w.reshape(d))
   norms = [("pre_norm", names.pre_norm, c.pre_norm),
            ("final_norm", names.final_norm, c.uses_final_norm)]
   for ours, theirs, wanted in norms:
     if wanted:
       for leaf, suffix in (("scale", "weight"), ("bias", "bias")):
         key = f"{theirs}.{suffix}" if theirs else None
-        top[(ours, leaf)] = reader.take(key, (d,), f"{ours} [width]")
+        reader.take((ours, leaf), key, (d,), f"{ours} [width]")
 
   def linear_in(w):  # torch [out=heads*hd, in=D] -> [D, heads, hd].
     return w.T.reshape(d, heads, head_dim)
@@ -303,16 +327,15 @@ def convert_hf_vision(state_dict: Mapping[str, Any], config: VitConfig, model_ty
     layer_spec += [(("ls1",), names.ls1, (d,), lambda w: w),
                    (("ls2",), names.ls2, (d,), lambda w: w)]
 
-  layers: dict[tuple[str, ...], list[np.ndarray | None]] = {}
   for path, theirs, shape, transform in layer_spec:
-    layers[path] = [
-        reader.take(f"{names.layer_prefix}{i}.{theirs}" if theirs else None, shape,
-                    f"block {'/'.join(path)}", transform)
-        for i in range(c.num_layers_built)]
+    for i in range(c.num_layers_built):
+      reader.take_layer(("blocks",) + path, i, c.num_layers_built,
+                        f"{names.layer_prefix}{i}.{theirs}" if theirs else None, shape,
+                        f"block {'/'.join(path)}", transform)
 
   unexpected = []
   layer_index = re.compile(rf"^{re.escape(names.layer_prefix)}(\d+)\.")
-  for key, (original, _) in reader.tensors.items():
+  for key, original in reader.keys.items():
     if key in reader.used or any(re.search(pattern, key) for pattern in names.ignored):
       continue
     match = layer_index.match(key)
@@ -337,10 +360,8 @@ def convert_hf_vision(state_dict: Mapping[str, Any], config: VitConfig, model_ty
         + "\n".join(problems))
 
   params: dict[str, Any] = {}
-  for path, value in top.items():
+  for path, value in reader.params.items():
     _set(params, path, value)
-  for path, values in layers.items():
-    _set(params, ("blocks",) + path, np.stack(values))
   if check:
     check_tree_matches(params, expected_param_shapes(config))
   return params

@@ -388,7 +388,16 @@ def save_params(path: str, params: Any) -> None:
 
 
 def _params_location(path: epath.Path) -> tuple[epath.Path, bool]:
-  """(PyTree directory, whether params are under 'params' of a train state)."""
+  """(PyTree directory, whether params are under 'params' of a train state).
+
+  path: a step directory, a save_params directory, or a run's workdir (its
+  newest committed step).
+  """
+  if (path / CHECKPOINTS_DIR).is_dir():
+    steps = [m.step for m in ocp.path.step.standard_name_format().find_all(path / CHECKPOINTS_DIR)]
+    if not steps:
+      raise FileNotFoundError(f"the workdir {path} has no complete checkpoint yet.")
+    path = path / CHECKPOINTS_DIR / str(max(steps))
   if (path / STATE_ITEM / _PYTREE_METADATA_FILE).exists():
     return path / STATE_ITEM, True  # A Checkpointer step directory.
   if (path / _PYTREE_METADATA_FILE).exists():
@@ -403,23 +412,38 @@ def load_params(path: str, abstract_params: Any) -> Any:
   """Loads only the parameters of a checkpoint into abstract_params' shardings.
 
   path: a Checkpointer step directory (its train state's 'params' are read,
-    nothing else) or a directory written by `save_params`.
+    nothing else), a workdir (its newest step), or a directory written by
+    `save_params`.
   abstract_params: pytree of jax.ShapeDtypeStruct with `.sharding`; dtypes may
     differ from the stored ones (values are cast).
   Raises CheckpointMismatchError listing every missing, unexpected and
   mis-shaped parameter.
   """
   path = epath.Path(path).absolute()
+  item_dir, in_train_state, stored = _stored_params(path)
+  _check_params(path, stored, abstract_params)
+  return _restore_params(item_dir, in_train_state, abstract_params)
+
+
+def _stored_params(path: epath.Path) -> tuple[epath.Path, bool, Any]:
+  """(PyTree directory, whether in a train state, stored params metadata tree)."""
   item_dir, in_train_state = _params_location(path)
   stored = _read_tree_metadata(item_dir)
   if in_train_state:
     if PARAMS_KEY not in stored:
       raise FileNotFoundError(f"The train state at {path} has no {PARAMS_KEY!r} entry.")
     stored = stored[PARAMS_KEY]
+  return item_dir, in_train_state, stored
+
+
+def _check_params(path: epath.Path, stored: Any, abstract_params: Any) -> None:
   _check_matches(stored, abstract_params,
                  header=f"The parameters at {path} do not match the expected ones:",
                  footer="Check that the checkpoint was written for this model config.",
                  expected_name="expected")
+
+
+def _restore_params(item_dir: epath.Path, in_train_state: bool, abstract_params: Any) -> Any:
   # Partial restore reads the 'params' subtree only, not the optimizer state.
   item = {PARAMS_KEY: abstract_params} if in_train_state else abstract_params
   with ocp.PyTreeCheckpointer() as checkpointer:
@@ -427,6 +451,46 @@ def load_params(path: str, abstract_params: Any) -> Any:
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=in_train_state))
   return restored[PARAMS_KEY] if in_train_state else restored
+
+
+def load_component_params(paths: Iterable[str], abstract_params: Mapping[str, Any],
+                          init_params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+  """Overlays the parameters of one or more checkpoints on init_params.
+
+  Each path holds either the whole params tree or some of its top-level
+  components: `python -m mm1_jax.convert` writes {'encoder': ...} or
+  {'llm': ...}, so a DINOv2 checkpoint and a SmolLM2 checkpoint together
+  initialise an MM1 model whose connector keeps its fresh initialisation.
+  Inside a component, paths and shapes must match exactly.
+
+  paths: Checkpointer step directories or save_params directories.
+  abstract_params: {component: pytree of ShapeDtypeStruct with .sharding}.
+  init_params: the freshly initialised params (same structure).
+  Returns (params, {component: path it came from}). Raises
+  CheckpointMismatchError for a component the model does not have, one that
+  two paths provide, or any mis-shaped, missing or unexpected parameter.
+  """
+  params, sources = dict(init_params), {}
+  for path in paths:
+    path = epath.Path(path).absolute()
+    item_dir, in_train_state, stored = _stored_params(path)
+    unknown = sorted(set(stored) - set(abstract_params))
+    if unknown:
+      raise CheckpointMismatchError(
+          f"{path} holds component(s) {unknown} that this model does not have (it has "
+          f"{sorted(abstract_params)}); check that the checkpoint was converted for this model.",
+          missing=[], unexpected=unknown, mismatched=[])
+    twice = sorted(set(stored) & set(sources))
+    if twice:
+      raise CheckpointMismatchError(
+          f"component(s) {twice} are in both {sources[twice[0]]} and {path}; list each "
+          "component's checkpoint once in config.init_from.", missing=[], unexpected=twice,
+          mismatched=[])
+    components = {name: abstract_params[name] for name in stored}
+    _check_params(path, stored, components)
+    params.update(_restore_params(item_dir, in_train_state, components))
+    sources.update({name: os.fspath(path) for name in stored})
+  return params, sources
 
 
 # ---------------------------------------------------------------------------

@@ -106,9 +106,12 @@ def _initial_state(train_step: TrainStep, config, checkpointer, data_source):
     return state
   state = train_step.init(jax.random.key(config.train.seed))
   if config.init_from:
-    params = checkpoint_lib.load_params(config.init_from, train_step.abstract_state["params"])
+    paths = [path.strip() for path in config.init_from.split(",") if path.strip()]
+    params, sources = checkpoint_lib.load_component_params(
+        paths, train_step.abstract_state["params"], state["params"])
     state = {**state, "params": params}
-    say(f"Initialised parameters from {config.init_from}")
+    for component in state["params"]:
+      say(f"Initialised {component} from {sources.get(component, 'scratch (seed)')}")
   return state
 
 

