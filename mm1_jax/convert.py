@@ -100,6 +100,12 @@ def config_overrides(component: str, config: Any) -> list[str]:
   return flat
 
 
+def _check_new(output: str) -> None:
+  if os.path.exists(output):
+    raise FileExistsError(f"--output={output} exists; choose a new directory (nothing was "
+                          "overwritten).")
+
+
 def write(output: str, component: str, config: Any, params: dict[str, Any], source: str) -> None:
   """Saves {component: params} to `output` (which must not exist) and the
   component's description next to it. Leaves become jax arrays one at a
@@ -108,9 +114,7 @@ def write(output: str, component: str, config: Any, params: dict[str, Any], sour
 
   from mm1_jax.training import checkpoint
 
-  if os.path.exists(output):
-    raise FileExistsError(f"--output={output} exists; choose a new directory (nothing was "
-                          "overwritten).")
+  _check_new(output)
 
   def to_jax(tree):
     for name in list(tree):
@@ -129,6 +133,7 @@ def main(argv: Sequence[str]) -> None:
 
   FLAGS = flags.FLAGS
   try:
+    _check_new(FLAGS.output)  # Before minutes of conversion, not after.
     component, config, params = convert(FLAGS.source, FLAGS.format, FLAGS.vocab_size,
                                         FLAGS.image_size, FLAGS.feature_layer)
     write(FLAGS.output, component, config, params, FLAGS.source)

@@ -54,45 +54,75 @@ def _architecture(reader) -> str:
   return arch
 
 
-def _required(reader, key: str) -> Any:
-  value = gguf_field(reader, key)
-  if value is None:
-    raise ConversionError(f"the GGUF metadata has no {key!r}, which the Decoder config needs; "
-                          "pass the value as an override.")
-  return value
-
-
-def gguf_vocab_size(reader) -> int:
-  """Vocabulary size: the tokenizer's token count, else {arch}.vocab_size."""
+def gguf_vocab_size(reader) -> int | None:
+  """Vocabulary size: the tokenizer's token count, else {arch}.vocab_size (or None)."""
   tokens = reader.fields.get("tokenizer.ggml.tokens")
   if tokens is not None:
     return len(tokens.data)  # One entry per token; no need to decode the strings.
-  return int(_required(reader, f"{_architecture(reader)}.vocab_size"))
+  vocab_size = gguf_field(reader, f"{_architecture(reader)}.vocab_size")
+  return None if vocab_size is None else int(vocab_size)
+
+
+def _float32(value: Any) -> float:
+  """GGUF floats are float32: 1e-5 is stored as 9.99999974e-06. Its shortest
+  float32 spelling gives back the value the model was configured with."""
+  return float(str(np.float32(value)))
+
+
+# DecoderConfig field -> (metadata key after "{arch}.", type, default; None = required).
+_METADATA = {
+    "width": ("embedding_length", int, None),
+    "depth": ("block_count", int, None),
+    "num_heads": ("attention.head_count", int, None),
+    "mlp_dim": ("feed_forward_length", int, None),
+    "norm_eps": ("attention.layer_norm_rms_epsilon", _float32, None),
+    "rope_theta": ("rope.freq_base", _float32, 10_000.0),
+    "head_dim": ("attention.key_length", int, None),  # Absent: width // num_heads.
+}
+_OPTIONAL = ("rope_theta", "head_dim")
+
+
+def _check_rope(reader, arch: str, head_dim: int) -> None:
+  """Refuses rope variants apply_rope does not implement (partial or scaled)."""
+  rotated = gguf_field(reader, f"{arch}.rope.dimension_count")
+  if rotated is not None and int(rotated) != head_dim:
+    raise ConversionError(f"{arch}.rope.dimension_count is {rotated} but head_dim is {head_dim}; "
+                          "partial rotary embeddings are not supported.")
+  scaling = gguf_field(reader, f"{arch}.rope.scaling.type")
+  if scaling not in (None, "none"):
+    raise ConversionError(f"{arch}.rope.scaling.type is {scaling!r}; scaled rope is not "
+                          "supported (apply_rope has no scaling).")
 
 
 def decoder_config_from_gguf(reader_or_path: Any, **overrides) -> DecoderConfig:
   """DecoderConfig from the metadata of a llama-architecture GGUF file.
 
   Embeddings are tied when the file has no separate output.weight tensor.
-  `overrides` replace any DecoderConfig field (e.g. vocab_size, remat_policy).
+  `overrides` replace any DecoderConfig field (e.g. vocab_size, remat_policy)
+  and stand in for metadata the file lacks.
   """
   reader = open_gguf(reader_or_path)
   arch = _architecture(reader)
-  num_heads = int(_required(reader, f"{arch}.attention.head_count"))
-  head_dim = gguf_field(reader, f"{arch}.attention.key_length")
-  values = dict(
-      vocab_size=gguf_vocab_size(reader),
-      width=int(_required(reader, f"{arch}.embedding_length")),
-      depth=int(_required(reader, f"{arch}.block_count")),
-      num_heads=num_heads,
-      num_kv_heads=int(gguf_field(reader, f"{arch}.attention.head_count_kv", num_heads)),
-      head_dim=None if head_dim is None else int(head_dim),
-      mlp_dim=int(_required(reader, f"{arch}.feed_forward_length")),
-      rope_theta=float(gguf_field(reader, f"{arch}.rope.freq_base", 10_000.0)),
-      norm_eps=float(_required(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
-      tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors))
+  values = {}
+  for field, (key, cast, default) in _METADATA.items():
+    if field in overrides:
+      continue
+    value = gguf_field(reader, f"{arch}.{key}", default)
+    if value is None and field not in _OPTIONAL:
+      raise ConversionError(f"the GGUF metadata has no {arch}.{key!r}, which the Decoder config "
+                            f"needs; pass {field}=... as an override.")
+    values[field] = None if value is None else cast(value)
+  num_heads = overrides.get("num_heads", values.get("num_heads"))
+  values["num_kv_heads"] = int(gguf_field(reader, f"{arch}.attention.head_count_kv", num_heads))
+  values["vocab_size"] = gguf_vocab_size(reader)
+  values["tie_embeddings"] = not any(t.name == "output.weight" for t in reader.tensors)
   values.update(overrides)
-  return DecoderConfig(**values)
+  if values["vocab_size"] is None:
+    raise ConversionError("the GGUF has neither tokenizer.ggml.tokens nor "
+                          f"{arch}.vocab_size; pass vocab_size=... as an override.")
+  config = DecoderConfig(**values)
+  _check_rope(reader, arch, config.resolved_head_dim)
+  return config
 
 
 def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -171,6 +201,7 @@ def pad_vocab_rows(table: np.ndarray, vocab_size: int, name: str) -> np.ndarray:
 
 
 def _target_config(reader, config: DecoderConfig | None, vocab_size: int | None) -> DecoderConfig:
+  """The config to convert for: `config` (checked), else the file's own."""
   if config is None:
     overrides = {} if vocab_size is None else {"vocab_size": vocab_size}
     return decoder_config_from_gguf(reader, **overrides)
@@ -180,7 +211,25 @@ def _target_config(reader, config: DecoderConfig | None, vocab_size: int | None)
   if config.moe.enabled:
     raise ConversionError("the config has MoE layers, which llama GGUF conversion does not "
                           "support; use a dense config (moe.num_experts=0).")
+  _check_rope(reader, _architecture(reader), config.resolved_head_dim)
   return config
+
+
+def _put(builder: ParamsBuilder, rules, config: DecoderConfig, name: str,
+         layer_match: re.Match | None, value: np.ndarray) -> None:
+  """Puts dequantized tensor `name` (weights [out, in]) where the Decoder keeps it."""
+  if name == "token_embd.weight":
+    builder.set(("embedder", "embedding"), pad_vocab_rows(value, config.vocab_size, name), name)
+  elif name == "output_norm.weight":
+    builder.set(("final_norm", "scale"), value, name)
+  elif name == "output.weight":
+    builder.set(("lm_head", "kernel"), pad_vocab_rows(value, config.vocab_size, name).T, name)
+  else:
+    layer, suffix = int(layer_match.group(1)), layer_match.group(2)
+    block, within = divmod(layer, config.layers_per_block)
+    path_in_layer, transform = rules[suffix]
+    builder.set_layer(("blocks", f"layer_{within}") + path_in_layer, block,
+                      transform(value, name), name)
 
 
 def convert_gguf_decoder(path: Any, config: DecoderConfig | None = None,
@@ -212,18 +261,7 @@ def convert_gguf_decoder(path: Any, config: DecoderConfig | None = None,
       unexpected.append(name)  # Sorted out before dequantizing: unknown tensors cost nothing.
       continue
     value = _dequantize(tensor)
-    if name == "token_embd.weight":
-      builder.set(("embedder", "embedding"), pad_vocab_rows(value, config.vocab_size, name), name)
-    elif name == "output_norm.weight":
-      builder.set(("final_norm", "scale"), value, name)
-    elif name == "output.weight":
-      builder.set(("lm_head", "kernel"), pad_vocab_rows(value, config.vocab_size, name).T, name)
-    else:
-      layer, suffix = int(match.group(1)), match.group(2)
-      block, within = divmod(layer, config.layers_per_block)
-      path_in_layer, transform = rules[suffix]
-      builder.set_layer(("blocks", f"layer_{within}") + path_in_layer, block,
-                        transform(value, name), name)
+    _put(builder, rules, config, name, match, value)
     del value  # One dequantized tensor alive at a time.
   check_unexpected(unexpected)
   return config, builder.finish()

@@ -25,7 +25,10 @@ class InputConfig:
   shuffle: bool = True
   seed: int = 0
   num_epochs: int | None = None  # None: repeat forever (training).
-  # A SentencePiece model file; "" = the bundled mm1_sp4k tokenizer.
+  # "" = the bundled mm1_sp4k tokenizer; a SentencePiece .model file; a .gguf
+  # file (its byte-level BPE tokenizer, SPECIAL_TOKENS appended); or "smollm2"
+  # = SmolLM2-135M-Instruct's GGUF (49,159 ids: set llm.vocab_size >= that,
+  # e.g. 49216, and image_placeholder_id=49152).
   vocabulary: str = ""
 
   @classmethod

