@@ -43,13 +43,24 @@ def device_peak_tflops(override: float | None = None) -> tuple[float, str]:
   return measure_matmul_peak(), f"measured float32 matmul on {kind}"
 
 
-def flops_per_step(model: MM1Config, batch_size: int, seq_len: int) -> float:
-  """Training FLOPs of one step: 3x the forward (backward = 2x forward), for
-  every text position and every image slot (all slots are encoded)."""
+def flops_per_step(model: MM1Config, batch_size: int, seq_len: int,
+                   frozen_connector: bool = False) -> float:
+  """Training FLOPs of one step, for every text position and every image slot
+  (all slots are encoded).
+
+  Each tower costs its forward, the same again for activation gradients
+  when anything at or before it (encoder -> connector -> LLM) trains, and
+  the same again for weight gradients when it trains itself: 3x the forward
+  when everything trains, 2x for a frozen LLM under a trained connector
+  (LLaVA stage 1), 1x for a frozen encoder (model.freeze_*).
+  """
   counts = summary.count_params(model)
-  forward = (batch_size * seq_len * summary.llm_flops_per_token(model, counts, seq_len)
-             + batch_size * model.max_images * summary.encoder_flops_per_image(model, counts))
-  return 3.0 * forward
+  llm = batch_size * seq_len * summary.llm_flops_per_token(model, counts, seq_len)
+  encoder = batch_size * model.max_images * summary.encoder_flops_per_image(model, counts)
+  encoder_trains, llm_trains = not model.freeze_encoder, not model.freeze_llm
+  gradient_reaches_llm = encoder_trains or not frozen_connector or llm_trains
+  return (encoder * (1 + 2 * encoder_trains)
+          + llm * (1 + gradient_reaches_llm + llm_trains))
 
 
 def format_duration(seconds: float) -> str:

@@ -149,7 +149,8 @@ def train(config, workdir: str) -> dict[str, Any]:
   data_config = InputConfig.from_dict(config.data)
   reporter = metrics_lib.Reporter(
       workdir, num_steps,
-      metrics_lib.flops_per_step(model, data_config.batch_size, data_config.seq_len), peak,
+      metrics_lib.flops_per_step(model, data_config.batch_size, data_config.seq_len,
+                                 frozen_connector="connector" in config.optimizer.freeze), peak,
       write=jax.process_index() == 0)
   loss_log = os.path.join(workdir, LOSS_LOG)
   last_metrics: dict[str, Any] = {}
