@@ -7,18 +7,22 @@ Both towers start from pretrained weights converted once with
 
 and the text is tokenised with SmolLM2's own BPE (rebuilt from its GGUF), to
 which the image tokens are appended (ids 49152..; the embedding is padded to
-49216 rows, a multiple of 64). Two stages, as LLaVA trains:
+49216 rows, a multiple of 64). Stages, as LLaVA / MM1 train:
 
   stage=1  only the connector learns (encoder and LLM frozen), lr 1e-3, on
            mm1_pretrain (captions, interleaved documents, text);
-  stage=2  everything learns, lr 1e-4, from stage 1's last checkpoint
-           (stage1_workdir=...).
+  stage=2  everything learns, lr 1e-4, on mm1_pretrain, from stage 1;
+  stage=3  visual instruction tuning: the LLM and connector learn on the
+           easy-vqa train questions (encoder frozen), lr 1e-4, from stage 2.
 
     python -m mm1_jax.train --config=configs/mm1_smol.py:stage=1 --workdir=workdirs/mm1_smol_stage1
     python -m mm1_jax.train --config=configs/mm1_smol.py:stage=2 --workdir=workdirs/mm1_smol_stage2
+    python -m mm1_jax.train --config=configs/mm1_smol.py:stage=3 --workdir=workdirs/mm1_smol_stage3
 
-Arguments: image_tokens=64|144 (C-Abstractor output), cpu (a run that fits
-a 2-core CPU in minutes: float32, 4 sequences of 128 tokens, 60 + 40 steps).
+Arguments: image_tokens=64|144 (C-Abstractor output), from_workdir=... (the
+run a later stage starts from; default: the previous stage's workdir above),
+cpu (a run that fits a 2-core CPU in minutes: float32, 4 sequences of 128
+tokens, 60 / 40 / 120 steps).
 """
 
 from mm1_jax import config_lib
@@ -30,10 +34,9 @@ LLM_CHECKPOINT = "checkpoints/smollm2_135m"
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, stage=1, image_tokens=64, cpu=False,
-                             stage1_workdir="workdirs/mm1_smol_stage1")
-  if arg.stage not in (1, 2) or arg.image_tokens not in (64, 144):
-    raise config_lib.ConfigError(f"mm1_smol: stage must be 1 or 2 and image_tokens 64 or 144, "
+  arg = config_lib.parse_arg(arg, stage=1, image_tokens=64, cpu=False, from_workdir="")
+  if arg.stage not in (1, 2, 3) or arg.image_tokens not in (64, 144):
+    raise config_lib.ConfigError(f"mm1_smol: stage must be 1, 2 or 3 and image_tokens 64 or 144, "
                                  f"got stage={arg.stage}, image_tokens={arg.image_tokens}.")
   config = config_lib.base_config()
   model = config.model
@@ -60,17 +63,23 @@ def get_config(arg=None):
     config.optimizer.update(freeze=("encoder", "llm"), learning_rate=1e-3, warmup_steps=100)
     config.init_from = f"{ENCODER_CHECKPOINT},{LLM_CHECKPOINT}"
     config.train.num_steps = 2000
-  else:
+  elif arg.stage == 2:
     config.optimizer.update(learning_rate=1e-4, warmup_steps=100)
-    config.init_from = arg.stage1_workdir
+    config.init_from = arg.from_workdir or "workdirs/mm1_smol_stage1"
     config.train.num_steps = 5000
+  else:
+    config.data.mixture = "easy_vqa_vqa"
+    model.freeze_encoder = True
+    config.optimizer.update(freeze=("encoder",), learning_rate=1e-4, warmup_steps=100)
+    config.init_from = arg.from_workdir or "workdirs/mm1_smol_stage2"
+    config.train.num_steps = 2000
 
   if arg.cpu:
     # ~9 s per stage-1 step on 2 cores: one image and its text per sequence.
     config.data.update(batch_size=4, seq_len=128)
     model.max_images = 1
     config.optimizer.warmup_steps = 5
-    config.train.update(num_steps=60 if arg.stage == 1 else 40, log_every=5,
+    config.train.update(num_steps={1: 60, 2: 40, 3: 120}[arg.stage], log_every=5,
                         checkpoint_every=20)
     config.eval.update(max_queries=100)
   return config

@@ -79,11 +79,13 @@ def test_mm1_smol_config_is_what_was_converted_and_loads_it(converted):
                                 converted["encoder"][2]["ls1"])
 
 
-def test_stage_two_trains_everything_from_stage_one():
-  one, two = mm1_smol.get_config("stage=1"), mm1_smol.get_config("stage=2,stage1_workdir=w/s1")
+def test_stages_train_what_llava_trains():
+  one, two, three = (mm1_smol.get_config(f"stage={stage}") for stage in (1, 2, 3))
   assert tuple(one.optimizer.freeze) == ("encoder", "llm") and one.model.freeze_llm
   assert tuple(two.optimizer.freeze) == () and not two.model.freeze_llm
-  assert two.init_from == "w/s1"
+  assert two.init_from == "workdirs/mm1_smol_stage1" and two.data.mixture == "mm1_pretrain"
+  assert tuple(three.optimizer.freeze) == ("encoder",) and three.data.mixture == "easy_vqa_vqa"
+  assert mm1_smol.get_config("stage=3,from_workdir=w/s2").init_from == "w/s2"
   with pytest.raises(config_lib.ConfigError, match="image_tokens 64 or 144"):
     mm1_smol.get_config("image_tokens=100")
 
