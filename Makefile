@@ -18,7 +18,7 @@ $(INSTALLED): requirements.txt requirements-dev.txt requirements-nodeps.txt
 # Two workers, whole files per worker (module fixtures stay shared).
 test: setup
 	$(PY) -m mm1_jax.data.sources
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --durations=15
 
 # The default experiment: tiny MM1 (ViT + C-Abstractor + MoE LLM) on mm1_pretrain.
 WORKDIR ?= workdirs/tiny
