@@ -140,14 +140,10 @@ def main(argv: Sequence[str]) -> None:
   except (ConversionError, ValueError, KeyError, FileNotFoundError, FileExistsError) as error:
     print(f"Error: {error}", file=sys.stderr)
     sys.exit(1)
-  count = sum(leaf.size for leaf in _leaves(params))
+  import jax
+  count = sum(leaf.size for leaf in jax.tree.leaves(params))
   print(f"Wrote {component} ({count / 1e6:.1f}M parameters) to {FLAGS.output}; train from it "
         f"with --config.init_from={FLAGS.output}")
-
-
-def _leaves(tree):
-  for value in tree.values():
-    yield from (_leaves(value) if isinstance(value, dict) else (value,))
 
 
 if __name__ == "__main__":
