@@ -82,6 +82,7 @@ def test_mm1_smol_config_is_what_was_converted_and_loads_it(converted):
 def test_stages_train_what_llava_trains():
   one, two, three = (mm1_smol.get_config(f"stage={stage}") for stage in (1, 2, 3))
   assert tuple(one.optimizer.freeze) == ("encoder", "llm") and one.model.freeze_llm
+  assert one.data.mixture == "easy_vqa_caption"  # LLaVA's stage 1: caption pairs.
   assert tuple(two.optimizer.freeze) == () and not two.model.freeze_llm
   assert two.init_from == "workdirs/mm1_smol_stage1" and two.data.mixture == "mm1_pretrain"
   assert tuple(three.optimizer.freeze) == ("encoder",) and three.data.mixture == "easy_vqa_vqa"
