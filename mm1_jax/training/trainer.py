@@ -20,7 +20,6 @@ import numpy as np
 from absl import logging
 
 from mm1_jax import config_lib, sharding, summary
-from mm1_jax.data import pipeline
 from mm1_jax.data.config import InputConfig
 from mm1_jax.models.multimodal import check_image_placeholders
 from mm1_jax.training import checkpoint as checkpoint_lib
@@ -134,6 +133,9 @@ def evaluate(config, workdir: str, step: int, params, model, mesh, writer) -> No
 
 def train(config, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`; returns the last step's metrics."""
+  # The input pipeline (TensorFlow, SeqIO) is imported only by runs that read
+  # data: build() and restore_params() also serve benchmarks and evaluation.
+  from mm1_jax.data import pipeline
   train_step, model = build(config)
   num_steps = config.train.num_steps
   data_source = pipeline.make_input(config.data, model)
