@@ -25,8 +25,8 @@ which the image tokens are appended (ids 49152..; the embedding is padded to
 Arguments: image_tokens=64|144 (C-Abstractor output), from_workdir=... (the
 run a later stage starts from; default: the previous stage's workdir above),
 cpu (a run that fits a 2-core CPU in about an hour: float32; stage 1 8 captions
-of 80 tokens per step for 150 steps, stages 2 and 3 4 sequences of 128 tokens
-for 20 and 120 steps).
+of 80 tokens per step for 100 steps, stages 2 and 3 4 sequences of 128 tokens
+for 20 and 60 steps).
 """
 
 from mm1_jax import config_lib
@@ -79,6 +79,14 @@ def get_config(arg=None):
     config.init_from = arg.from_workdir or "workdirs/mm1_smol_stage2"
     config.train.num_steps = 2000
 
+  if not arg.cpu:
+    # One 80 GB GPU: attention scores are materialised per layer, so without
+    # rematerialisation 64 x 1024 tokens need > 80 GB. Recomputing the LLM
+    # blocks and two micro-batches of 32 fit in 9-26 GB (H100: ~1 s per step,
+    # benchmarks/RESULTS.md).
+    model.llm.remat_policy = "full"
+    config.optimizer.grad_accum_steps = 2
+
   if arg.cpu:
     # One image and its text per sequence; 11-14 s per step on 2 cores. A
     # caption is 64 image tokens + ~8 text tokens, so stage 1 packs 8 into 80.
@@ -88,7 +96,7 @@ def get_config(arg=None):
       config.data.update(batch_size=4, seq_len=128)
     model.max_images = 1
     config.optimizer.warmup_steps = 5
-    config.train.update(num_steps={1: 150, 2: 20, 3: 120}[arg.stage], log_every=5,
+    config.train.update(num_steps={1: 100, 2: 20, 3: 60}[arg.stage], log_every=5,
                         checkpoint_every={1: 50, 2: 10, 3: 20}[arg.stage])
     config.eval.update(max_queries=100)
   return config
