@@ -80,11 +80,12 @@ def get_config(arg=None):
     config.train.num_steps = 2000
 
   if not arg.cpu:
-    # One 80 GB GPU: attention scores are materialised per layer, so without
-    # rematerialisation 64 x 1024 tokens need > 80 GB. Recomputing the LLM
-    # blocks and two micro-batches of 32 fit in 9-26 GB (H100: ~1 s per step,
-    # benchmarks/RESULTS.md).
-    model.llm.remat_policy = "full"
+    # One 80 GB GPU: cuDNN's fused attention (XLA's keeps every layer's
+    # scores: > 80 GB at 64 x 1024), the LLM blocks recomputed and two
+    # micro-batches of 32: ~10 GB, 0.25-0.3 s per step on an H100
+    # (benchmarks/RESULTS.md).
+    model.encoder.attention_implementation = "cudnn"
+    model.llm.update(attention_implementation="cudnn", remat_policy="full")
     config.optimizer.grad_accum_steps = 2
   else:
     # One image and its text per sequence; 11-14 s per step on 2 cores. A

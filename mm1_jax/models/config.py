@@ -23,6 +23,10 @@ CONNECTOR_KINDS = ("c_abstractor", "avg_pool", "attn_pool", "mlp")
 MOE_DISPATCH = ("dropless", "capacity")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+# "xla": our einsum attention (any backend and dtype). "cudnn": cuDNN's fused
+# flash-attention kernel via jax.nn.dot_product_attention (NVIDIA GPU, bf16 /
+# fp16), which never writes the [T, S] scores to memory.
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 
 
 class ConfigError(ValueError):
@@ -57,6 +61,8 @@ class VitConfig:
   image_std: tuple[float, float, float] = CLIP_STD
   # Queries per attention block (0: all at once); see layers.dot_product_attention.
   attention_query_chunk: int = 0
+  # "xla" (any backend) or "cudnn" (fused flash attention, NVIDIA GPU, bf16).
+  attention_implementation: str = "xla"
   remat_policy: str = "none"
 
   @property
@@ -128,6 +134,8 @@ class DecoderConfig:
   moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
   # Queries per attention block (0: all at once); see layers.dot_product_attention.
   attention_query_chunk: int = 0
+  # "xla" (any backend) or "cudnn" (fused flash attention, NVIDIA GPU, bf16).
+  attention_implementation: str = "xla"
   remat_policy: str = "none"
 
   @property
@@ -239,6 +247,10 @@ def validate_vit(config: VitConfig, path: str = "encoder") -> None:
            f"unknown remat policy {c.remat_policy!r}; use one of {REMAT_POLICIES}.")
   _require(c.attention_query_chunk >= 0, f"{path}.attention_query_chunk",
            f"must be >= 0 (0 = unchunked), got {c.attention_query_chunk}.")
+  _require(c.attention_implementation in ATTENTION_IMPLEMENTATIONS,
+           f"{path}.attention_implementation",
+           f"unknown attention implementation {c.attention_implementation!r}; use one of "
+           f"{ATTENTION_IMPLEMENTATIONS}.")
   _require(len(c.image_mean) == 3 and len(c.image_std) == 3, f"{path}.image_mean",
            "image_mean and image_std need three (RGB) values each.")
 
@@ -279,6 +291,10 @@ def validate_decoder(config: DecoderConfig, path: str = "llm") -> None:
            f"unknown remat policy {c.remat_policy!r}; use one of {REMAT_POLICIES}.")
   _require(c.attention_query_chunk >= 0, f"{path}.attention_query_chunk",
            f"must be >= 0 (0 = unchunked), got {c.attention_query_chunk}.")
+  _require(c.attention_implementation in ATTENTION_IMPLEMENTATIONS,
+           f"{path}.attention_implementation",
+           f"unknown attention implementation {c.attention_implementation!r}; use one of "
+           f"{ATTENTION_IMPLEMENTATIONS}.")
   moe = c.moe
   if moe.enabled:
     _require(1 <= moe.num_experts_per_token <= moe.num_experts, f"{path}.moe.num_experts_per_token",

@@ -212,6 +212,49 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   return out.reshape((out.shape[0], -1) + out.shape[3:])[:, :length]
 
 
+FUSED_LENGTH_MULTIPLE = 64  # Query / key lengths fused_attention pads to.
+
+
+def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                    mask: jax.Array | None, is_causal: bool,
+                    implementation: str = "cudnn") -> jax.Array:
+  """The same attention as dot_product_attention, by jax.nn.dot_product_attention.
+
+  Shapes as in dot_product_attention. is_causal says the mask (if any) is
+  already lower-triangular, so the kernel may skip the upper half. Lengths
+  are padded to a multiple of FUSED_LENGTH_MULTIPLE (cuDNN's flash kernel
+  refuses e.g. a ViT's 257 tokens); padded keys are masked out and padded
+  queries dropped. With implementation="xla" this is JAX's reference, which
+  the tests use to check the call on any machine.
+  """
+  if implementation == "cudnn":
+    if jax.default_backend() != "gpu":
+      raise ValueError(f"attention_implementation='cudnn' needs an NVIDIA GPU, but JAX's backend "
+                       f"is {jax.default_backend()!r}; set attention_implementation='xla'.")
+    if query.dtype not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(f"attention_implementation='cudnn' needs bfloat16 or float16 activations, "
+                       f"got {query.dtype}; set config.model.dtype='bfloat16' or use 'xla'.")
+  batch, length, num_keys = query.shape[0], query.shape[1], key.shape[1]
+  pad_queries = -length % FUSED_LENGTH_MULTIPLE
+  pad_keys = -num_keys % FUSED_LENGTH_MULTIPLE
+  query = jnp.pad(query, ((0, 0), (0, pad_queries), (0, 0), (0, 0)))
+  key, value = (jnp.pad(x, ((0, 0), (0, pad_keys), (0, 0), (0, 0))) for x in (key, value))
+  query_lengths = key_lengths = None
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (batch, 1, length, num_keys))
+    # Padded queries see every real key (no empty softmax row); no query sees a padded key.
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad_queries), (0, 0)), constant_values=True)
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, pad_keys)), constant_values=False)
+  elif pad_queries or pad_keys:
+    query_lengths = jnp.full((batch,), length, jnp.int32)
+    key_lengths = jnp.full((batch,), num_keys, jnp.int32)
+  out = jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=is_causal,
+                                     query_seq_lengths=query_lengths,
+                                     key_value_seq_lengths=key_lengths,
+                                     implementation=implementation)
+  return out[:, :length]
+
+
 # Logical axes of one layer's KV cache [B, S, KV, D] (rules in mm1_jax/sharding.py).
 CACHE_AXES = ("cache_batch", "cache_sequence", "cache_kv_heads", "cache_head_dim")
 
@@ -258,6 +301,10 @@ class Attention(nn.Module):
   then be consecutive per row: positions[:, 0] is where the T tokens go),
   attention runs over all S cache slots under `mask` [B, 1, T, S], and the
   call returns (output, updated cache).
+
+  causal: the mask given when training is causal (the decoder's); lets the
+  fused kernel skip the upper triangle. implementation: "xla"
+  (dot_product_attention) or "cudnn" (fused_attention); decoding with a cache always uses "xla".
   """
   num_heads: int
   num_kv_heads: int
@@ -266,6 +313,8 @@ class Attention(nn.Module):
   out_bias: bool = False
   rope_theta: float | None = None
   query_chunk_size: int = 0  # See dot_product_attention.
+  causal: bool = False
+  implementation: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -291,7 +340,10 @@ class Attention(nn.Module):
     if cache is not None:
       cache = write_kv_cache(cache, key, value, positions[:, 0])
       key, value = cache.key, cache.value
-    out = dot_product_attention(query, key, value, mask, self.query_chunk_size)
+    if self.implementation == "cudnn" and cache is None:
+      out = fused_attention(query, key, value, mask, self.causal)
+    else:
+      out = dot_product_attention(query, key, value, mask, self.query_chunk_size)
     out = dense(width, ("heads", "head_dim", "embed"), name="out", axis=(-2, -1),
                 use_bias=self.out_bias, **kw)(out)
     return out if cache is None else (out, cache)

@@ -120,7 +120,9 @@ class Block(nn.Module):
     h = norm(name="norm1")(x).astype(dtype)
     h = Attention(num_heads=c.num_heads, num_kv_heads=c.num_heads,
                   head_dim=c.width // c.num_heads, qkv_bias=True, out_bias=True,
-                  query_chunk_size=c.attention_query_chunk, name="attn", **kw)(h)  # Bidirectional: no mask, no rope.
+                  query_chunk_size=c.attention_query_chunk,
+                  implementation=c.attention_implementation,
+                  name="attn", **kw)(h)  # Bidirectional: no mask, no rope.
     x = x + self._layer_scale("ls1", h)
 
     h = norm(name="norm2")(x).astype(dtype)

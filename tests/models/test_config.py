@@ -2,7 +2,7 @@
 
 import pytest
 
-from configs import mm1_3b, mm1_3b_moe, mm1_7b, mm1_7b_moe, mm1_30b, tiny
+from configs import bench_1b, mm1_3b, mm1_3b_moe, mm1_7b, mm1_7b_moe, mm1_30b, mm1_smol, tiny
 from mm1_jax import config_lib
 from mm1_jax.models.config import ConfigError, MM1Config
 
@@ -33,6 +33,8 @@ def model_dict(**changes):
     ({"image_placeholder_id": 5000}, r"model.image_placeholder_id: 5000 is not a token id"),
     ({"dtype": "float8"}, r"model.dtype: unknown dtype 'float8'"),
     ({"llm.remat_policy": "some"}, r"llm.remat_policy: unknown remat policy 'some'"),
+    ({"encoder.attention_implementation": "flash"},
+     r"encoder.attention_implementation: unknown attention implementation 'flash'"),
 ])
 def test_bad_values_name_the_field(changes, message):
   with pytest.raises(ConfigError, match=message):
@@ -56,6 +58,15 @@ def test_mlp_connector_must_keep_every_patch():
 def test_every_shipped_config_is_valid(module):
   config = config_lib.mm1_config(module.get_config(None))
   assert config.connector.kind == "c_abstractor"
+
+
+@pytest.mark.parametrize("config, implementation", [
+    (bench_1b.get_config("gpu"), "cudnn"), (mm1_smol.get_config("stage=3"), "cudnn"),
+    (bench_1b.get_config(None), "xla"), (mm1_smol.get_config("stage=3,cpu"), "xla")])
+def test_gpu_presets_use_fused_attention_and_the_rest_do_not(config, implementation):
+  model = config_lib.mm1_config(config)
+  assert model.llm.attention_implementation == implementation
+  assert model.encoder.attention_implementation == implementation
 
 
 def test_defaults_are_mm1s_encoder_and_connector():

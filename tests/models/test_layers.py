@@ -1,4 +1,4 @@
-"""Layers: query-chunked attention is the same attention."""
+"""Layers: query-chunked and fused attention are the same attention."""
 
 import jax
 import jax.numpy as jnp
@@ -49,3 +49,39 @@ def test_chunked_attention_keeps_one_score_block_in_memory():
   scores_bytes = 4 * 1024 * 1024 * 4  # One float32 [heads, T, S] score tensor.
   assert temp_bytes(0) > scores_bytes
   assert temp_bytes(128) < scores_bytes / 2
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_our_attention_matches_jax_reference(masked):
+  """fused_attention's call of jax.nn.dot_product_attention (layout, GQA
+  grouping, mask broadcast, is_causal, padding 37 -> 64 tokens) agrees with
+  our einsum attention, outputs and gradients; on a GPU the same call with
+  implementation="cudnn" is the fused kernel (benchmarks/attention_check.py
+  checks that one on the device)."""
+  query, key, value = random_qkv()
+  segment_ids = jnp.asarray(np.repeat([[1] * 20 + [2] * 15 + [0] * 2], 2, axis=0))
+  mask = layers.segment_causal_mask(segment_ids) if masked else None
+
+  def loss(attention, q, k, v):
+    out = attention(q, k, v)
+    return jnp.sum(jnp.sin(out)), out
+
+  ours = lambda q, k, v: layers.dot_product_attention(q, k, v, mask)
+  reference = lambda q, k, v: layers.fused_attention(q, k, v, mask, is_causal=masked,
+                                                     implementation="xla")
+  grad = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)
+  (_, expected), expected_grads = grad(ours, query, key, value)
+  (_, got), got_grads = grad(reference, query, key, value)
+  assert got.shape == expected.shape
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  for g, e in zip(got_grads, expected_grads):
+    assert np.all(np.isfinite(g))
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_cudnn_attention_off_gpu_says_how_to_fix():
+  query, key, value = random_qkv()
+  if jax.default_backend() == "gpu":
+    pytest.skip("this checks the message on a machine without an NVIDIA GPU")
+  with pytest.raises(ValueError, match=r"needs an NVIDIA GPU.*attention_implementation='xla'"):
+    layers.fused_attention(query, key, value, None, is_causal=False)
