@@ -16,7 +16,10 @@ which the image tokens are appended (ids 49152..; the embedding is padded to
            documents give the connector nothing to learn);
   stage=2  everything learns, lr 1e-4, on mm1_pretrain, from stage 1;
   stage=3  visual instruction tuning: the LLM and connector learn on the
-           easy-vqa train questions (encoder frozen), lr 1e-4, from stage 2.
+           easy-vqa train questions (encoder frozen), lr 1e-4, from stage 2;
+           half single questions, half documents of 5 questions about 5
+           images in the 4-shot prompt format (easy_vqa_sft), so the tuned
+           model still learns in context.
 
     python -m mm1_jax.train --config=configs/mm1_smol.py:stage=1 --workdir=workdirs/mm1_smol_stage1
     python -m mm1_jax.train --config=configs/mm1_smol.py:stage=2 --workdir=workdirs/mm1_smol_stage2
@@ -25,8 +28,8 @@ which the image tokens are appended (ids 49152..; the embedding is padded to
 Arguments: image_tokens=64|144 (C-Abstractor output), from_workdir=... (the
 run a later stage starts from; default: the previous stage's workdir above),
 cpu (a run that fits a 2-core CPU in about an hour: float32; stage 1 8 captions
-of 80 tokens per step for 100 steps, stages 2 and 3 4 sequences of 128 tokens
-for 20 and 60 steps).
+of 80 tokens per step for 100 steps, stage 2 4 sequences of 128 tokens for 20
+steps, stage 3 one sequence of 448 tokens and 5 images for 120 steps).
 """
 
 from mm1_jax import config_lib
@@ -73,8 +76,10 @@ def get_config(arg=None):
     config.init_from = arg.from_workdir or "workdirs/mm1_smol_stage1"
     config.train.num_steps = 5000
   else:
-    config.data.mixture = "easy_vqa_vqa"
-    model.freeze_encoder = True
+    # Single questions and few-shot-style documents of 5 (4-shot prompts'
+    # format), so that instruction tuning keeps in-context learning.
+    config.data.mixture = "easy_vqa_sft"
+    model.update(freeze_encoder=True, max_images=5)
     config.optimizer.update(freeze=("encoder",), learning_rate=1e-4, warmup_steps=100)
     config.init_from = arg.from_workdir or "workdirs/mm1_smol_stage2"
     config.train.num_steps = 2000
@@ -88,15 +93,18 @@ def get_config(arg=None):
     model.llm.update(attention_implementation="cudnn", remat_policy="full")
     config.optimizer.grad_accum_steps = 2
   else:
-    # One image and its text per sequence; 11-14 s per step on 2 cores. A
-    # caption is 64 image tokens + ~8 text tokens, so stage 1 packs 8 into 80.
+    # 11-14 s per step on 2 cores. A caption is 64 image tokens + ~8 text
+    # tokens, so stage 1 packs 8 into 80; a question with its image ~85.
     if arg.stage == 1:
       config.data.update(batch_size=8, seq_len=80)
-    else:
+      model.max_images = 1
+    elif arg.stage == 2:
       config.data.update(batch_size=4, seq_len=128)
-    model.max_images = 1
+      model.max_images = 1
+    else:  # One 5-question document, or 5 single questions packed, per step.
+      config.data.update(batch_size=1, seq_len=448)
     config.optimizer.warmup_steps = 5
-    config.train.update(num_steps={1: 100, 2: 20, 3: 60}[arg.stage], log_every=5,
-                        checkpoint_every={1: 50, 2: 10, 3: 20}[arg.stage])
+    config.train.update(num_steps={1: 100, 2: 20, 3: 120}[arg.stage], log_every=5,
+                        checkpoint_every={1: 50, 2: 10, 3: 40}[arg.stage])
     config.eval.update(max_queries=100)
   return config

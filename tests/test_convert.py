@@ -15,6 +15,7 @@ import pytest
 
 from configs import mm1_smol
 from mm1_jax import config_lib, convert, testing
+from mm1_jax.data import tasks
 from mm1_jax.models.config import DecoderConfig, VitConfig
 from mm1_jax.models.multimodal import MM1Model
 from mm1_jax.training import checkpoint
@@ -85,7 +86,8 @@ def test_stages_train_what_llava_trains():
   assert one.data.mixture == "easy_vqa_caption"  # LLaVA's stage 1: caption pairs.
   assert tuple(two.optimizer.freeze) == () and not two.model.freeze_llm
   assert two.init_from == "workdirs/mm1_smol_stage1" and two.data.mixture == "mm1_pretrain"
-  assert tuple(three.optimizer.freeze) == ("encoder",) and three.data.mixture == "easy_vqa_vqa"
+  assert tuple(three.optimizer.freeze) == ("encoder",) and three.data.mixture == "easy_vqa_sft"
+  assert three.model.max_images >= tasks.VQA_DOCUMENT_QUESTIONS  # A whole few-shot document fits.
   assert mm1_smol.get_config("stage=3,from_workdir=w/s2").init_from == "w/s2"
   with pytest.raises(config_lib.ConfigError, match="image_tokens 64 or 144"):
     mm1_smol.get_config("image_tokens=100")

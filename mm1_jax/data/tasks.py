@@ -151,6 +151,26 @@ def vqa_examples(dataset: tf.data.Dataset) -> tf.data.Dataset:
   return dataset.flat_map(per_question)
 
 
+# Few-shot-style VQA documents: question/answer pairs about different images
+# back to back, in the evaluator's k-shot prompt format. MM1 traces its
+# few-shot ability to interleaved data; instruction tuning on single
+# questions alone teaches the model to look at the only image it is shown.
+VQA_DOCUMENT_QUESTIONS = 5  # A 4-shot prompt and its query.
+_VQA_DOCUMENT_SHUFFLE = 2048  # Mixes questions of different images.
+
+
+def vqa_documents(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  """VQA_DOCUMENT_QUESTIONS questions per example, one image each:
+  "<image> Question: q1 Answer: a1<image> Question: q2 Answer: a2..." (no
+  separator, as fewshot prompts join demonstrations). Deterministic."""
+  def to_document(group):
+    return {"inputs": "", "targets": tf.strings.reduce_join(group["inputs"] + group["targets"]),
+            "images": tf.reshape(group["images"], [-1])}
+
+  questions = vqa_examples(dataset).shuffle(_VQA_DOCUMENT_SHUFFLE, seed=0)
+  return questions.batch(VQA_DOCUMENT_QUESTIONS, drop_remainder=True).map(to_document)
+
+
 # --- Shakespeare ---------------------------------------------------------------
 
 def text_example(example):
@@ -159,7 +179,8 @@ def text_example(example):
 
 # --- registration ------------------------------------------------------------
 
-TASKS = ("easy_vqa_caption", "easy_vqa_interleaved", "shakespeare_text", "easy_vqa_vqa")
+TASKS = ("easy_vqa_caption", "easy_vqa_interleaved", "shakespeare_text", "easy_vqa_vqa",
+         "easy_vqa_vqa_documents")
 
 # MM1's pre-training mixture and its data ablations (interleaved : caption : text).
 MIXTURES = {
@@ -172,6 +193,8 @@ MIXTURES = {
                            "shakespeare_text": 33},
     "mm1_image_text_91_9": {"easy_vqa_interleaved": 45.5, "easy_vqa_caption": 45.5,
                             "shakespeare_text": 9},
+    # Visual instruction tuning: single questions and few-shot-style documents.
+    "easy_vqa_sft": {"easy_vqa_vqa": 50, "easy_vqa_vqa_documents": 50},
 }
 
 
@@ -183,6 +206,7 @@ def register_all(vocabulary: seqio.Vocabulary = VOCABULARY, suffix: str = "") ->
       "easy_vqa_caption": [seqio.map_over_dataset(caption_example)],
       "easy_vqa_interleaved": [interleaved_documents],
       "easy_vqa_vqa": [vqa_examples],
+      "easy_vqa_vqa_documents": [vqa_documents],
   }
   for name, preprocessors in easy_vqa.items():
     seqio.TaskRegistry.add(name + suffix, source=_easy_vqa_source(),
