@@ -2,7 +2,8 @@
 
     python -m mm1_jax.evaluate --config=configs/tiny.py --workdir=workdirs/tiny \
         [--shots=0,4,8] [--tasks=easy_vqa_vqa,easy_vqa_caption] [--max_queries=500] \
-        [--untrained] [--output=PATH] [--batch_size=16 --seed=0 --import=my_project.tasks]
+        [--untrained] [--output=PATH] [--batch_size=16 --seed=0 --import=my_project.tasks] \
+        [--num_examples=3]
 
 Use the config (and overrides) the run was trained with: a checkpoint of
 another config is refused with the same message as training. --untrained
@@ -15,8 +16,9 @@ gets the question-only prior (the most frequent train answer of each
 question string, no image) as setting "question_prior".
 
 Writes a JSON report (default {workdir}/eval/step_{step}.json, or
-step_0_untrained.json) with the metrics, a few example answers per setting
-and the settings used; TensorBoard scalars into the workdir (the training
+step_0_untrained.json) with the metrics, example answers per setting (3, or
+--num_examples; 0 keeps all, for error analysis) and the settings used;
+TensorBoard scalars into the workdir (the training
 run's event files), tagged eval/<task>/<k>shot/<metric> at the checkpoint's
 step (0 for --untrained); and prints a table (metrics x 100).
 """
@@ -46,6 +48,8 @@ def define_flags() -> None:
                        "(default: config.eval.batch_size).")
   flags.DEFINE_integer("seed", None,
                        "Demonstration sampling seed (default: config.eval.seed).")
+  flags.DEFINE_integer("num_examples", None, "Predictions kept per setting in the report, "
+                       "for reading errors; 0: all (default: 3).")
   flags.DEFINE_bool("untrained", False, "Evaluate freshly initialised parameters "
                     "(config.train.seed) instead of the latest checkpoint.")
   flags.DEFINE_string("output", None, "JSON report path (default: "
@@ -54,8 +58,8 @@ def define_flags() -> None:
                     "SeqIO tasks of your own.")
 
 
-def settings(config, tasks=None, shots=None, max_queries=None, batch_size=None, seed=None
-             ) -> dict:
+def settings(config, tasks=None, shots=None, max_queries=None, batch_size=None, seed=None,
+             num_examples=None) -> dict:
   """The evaluation settings: the flags given, else config.eval's values."""
   eval_config = config.eval
   shots = [int(k) for k in (shots if shots is not None else eval_config.shots)]
@@ -63,7 +67,8 @@ def settings(config, tasks=None, shots=None, max_queries=None, batch_size=None, 
   return {"tasks": list(tasks if tasks is not None else eval_config.tasks), "shots": shots,
           "max_queries": max_queries or None,
           "batch_size": batch_size or eval_config.batch_size,
-          "seed": eval_config.seed if seed is None else seed}
+          "seed": eval_config.seed if seed is None else seed,
+          "num_examples": num_examples}  # None: the evaluator's default.
 
 
 def untrained_params(config):
@@ -103,7 +108,9 @@ def run(config, workdir: str, *, untrained: bool = False, output: str | None = N
       params, model_config, chosen["tasks"], chosen["shots"], max_queries=chosen["max_queries"],
       batch_size=chosen["batch_size"], seed=chosen["seed"], mesh=mesh,
       image_policy=data_config.image_policy, image_start_end=data_config.image_start_end,
-      vocabulary_path=vocabulary_path, log=print)
+      vocabulary_path=vocabulary_path, log=print,
+      **({} if chosen["num_examples"] is None
+         else {"num_examples": chosen["num_examples"] or sys.maxsize}))
   for task in chosen["tasks"]:
     first = next(iter(results[task].values()))
     if "vqa_accuracy" in first:  # A VQA task: add the blind baseline.
@@ -144,7 +151,7 @@ def main(argv):
   try:
     run(FLAGS.config, FLAGS.workdir, untrained=FLAGS.untrained, output=FLAGS.output,
         tasks=FLAGS.tasks, shots=shots, max_queries=FLAGS.max_queries,
-        batch_size=FLAGS.batch_size, seed=FLAGS.seed)
+        batch_size=FLAGS.batch_size, seed=FLAGS.seed, num_examples=FLAGS.num_examples)
   except (CheckpointMismatchError, ConfigError, FileNotFoundError, ValueError) as error:
     print(f"Error: {error}", file=sys.stderr)
     sys.exit(1)

@@ -51,7 +51,8 @@ def test_cli_writes_the_report_tensorboard_scalars_and_a_table(workdir):
   result = subprocess.run(
       [sys.executable, "-m", "mm1_jax.evaluate", "--config=configs/tiny.py:dense",
        "--config.data.seq_len=64", f"--workdir={workdir}", "--shots=0",
-       "--tasks=easy_vqa_vqa,easy_vqa_caption", "--max_queries=2", "--batch_size=2"],
+       "--tasks=easy_vqa_vqa,easy_vqa_caption", "--max_queries=2", "--batch_size=2",
+       "--num_examples=1"],
       cwd=REPO, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True,
       timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -59,12 +60,13 @@ def test_cli_writes_the_report_tensorboard_scalars_and_a_table(workdir):
     report = json.load(f)
   assert report["step"] == 7 and not report["untrained"]
   assert report["settings"] == {"tasks": ["easy_vqa_vqa", "easy_vqa_caption"], "shots": [0],
-                                "max_queries": 2, "batch_size": 2, "seed": 0}
+                                "max_queries": 2, "batch_size": 2, "seed": 0,
+                                "num_examples": 1}
   vqa, captions = report["results"]["easy_vqa_vqa"], report["results"]["easy_vqa_caption"]
   assert set(vqa) == {"0shot", "question_prior"} and set(captions) == {"0shot"}
   assert vqa["0shot"]["num_queries"] == 2 and 0 <= vqa["0shot"]["vqa_accuracy"] <= 1
   assert captions["0shot"]["num_queries"] == 2 and captions["0shot"]["cider"] >= 0
-  assert len(vqa["0shot"]["examples"]) == 2
+  assert len(vqa["0shot"]["examples"]) == 1 == len(captions["0shot"]["examples"])
   assert set(vqa["question_prior"]) == {"vqa_accuracy", "exact_match", "num_queries"}
   tags = tensorboard_tags(workdir)
   for tag in ("eval/easy_vqa_vqa/0shot/vqa_accuracy", "eval/easy_vqa_caption/0shot/cider",
