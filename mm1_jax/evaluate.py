@@ -109,8 +109,8 @@ def run(config, workdir: str, *, untrained: bool = False, output: str | None = N
       batch_size=chosen["batch_size"], seed=chosen["seed"], mesh=mesh,
       image_policy=data_config.image_policy, image_start_end=data_config.image_start_end,
       vocabulary_path=vocabulary_path, log=print,
-      **({} if chosen["num_examples"] is None
-         else {"num_examples": chosen["num_examples"] or sys.maxsize}))
+      num_examples=(evaluator.NUM_EXAMPLES if chosen["num_examples"] is None
+                    else chosen["num_examples"] or sys.maxsize))
   for task in chosen["tasks"]:
     first = next(iter(results[task].values()))
     if "vqa_accuracy" in first:  # A VQA task: add the blind baseline.

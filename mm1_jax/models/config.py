@@ -231,6 +231,18 @@ def _is_square(n: int) -> bool:
   return n > 0 and math.isqrt(n) ** 2 == n
 
 
+def _validate_layer_stack(c: VitConfig | DecoderConfig, path: str) -> None:
+  """The settings a ViT and a decoder share: remat and attention."""
+  _require(c.remat_policy in REMAT_POLICIES, f"{path}.remat_policy",
+           f"unknown remat policy {c.remat_policy!r}; use one of {REMAT_POLICIES}.")
+  _require(c.attention_query_chunk >= 0, f"{path}.attention_query_chunk",
+           f"must be >= 0 (0 = unchunked), got {c.attention_query_chunk}.")
+  _require(c.attention_implementation in ATTENTION_IMPLEMENTATIONS,
+           f"{path}.attention_implementation",
+           f"unknown attention implementation {c.attention_implementation!r}; use one of "
+           f"{ATTENTION_IMPLEMENTATIONS}.")
+
+
 def validate_vit(config: VitConfig, path: str = "encoder") -> None:
   c = config
   _require(c.image_size % c.patch_size == 0, f"{path}.patch_size",
@@ -243,14 +255,7 @@ def validate_vit(config: VitConfig, path: str = "encoder") -> None:
   _require(-c.depth <= c.feature_layer < c.depth, f"{path}.feature_layer",
            f"feature_layer {c.feature_layer} is outside [-{c.depth}, {c.depth - 1}] "
            f"for a ViT of depth {c.depth}.")
-  _require(c.remat_policy in REMAT_POLICIES, f"{path}.remat_policy",
-           f"unknown remat policy {c.remat_policy!r}; use one of {REMAT_POLICIES}.")
-  _require(c.attention_query_chunk >= 0, f"{path}.attention_query_chunk",
-           f"must be >= 0 (0 = unchunked), got {c.attention_query_chunk}.")
-  _require(c.attention_implementation in ATTENTION_IMPLEMENTATIONS,
-           f"{path}.attention_implementation",
-           f"unknown attention implementation {c.attention_implementation!r}; use one of "
-           f"{ATTENTION_IMPLEMENTATIONS}.")
+  _validate_layer_stack(c, path)
   _require(len(c.image_mean) == 3 and len(c.image_std) == 3, f"{path}.image_mean",
            "image_mean and image_std need three (RGB) values each.")
 
@@ -287,14 +292,7 @@ def validate_decoder(config: DecoderConfig, path: str = "llm") -> None:
            f"num_kv_heads {c.num_kv_heads} does not divide num_heads {c.num_heads}.")
   _require(c.resolved_head_dim % 2 == 0, f"{path}.head_dim",
            f"RoPE needs an even head_dim, got {c.resolved_head_dim}.")
-  _require(c.remat_policy in REMAT_POLICIES, f"{path}.remat_policy",
-           f"unknown remat policy {c.remat_policy!r}; use one of {REMAT_POLICIES}.")
-  _require(c.attention_query_chunk >= 0, f"{path}.attention_query_chunk",
-           f"must be >= 0 (0 = unchunked), got {c.attention_query_chunk}.")
-  _require(c.attention_implementation in ATTENTION_IMPLEMENTATIONS,
-           f"{path}.attention_implementation",
-           f"unknown attention implementation {c.attention_implementation!r}; use one of "
-           f"{ATTENTION_IMPLEMENTATIONS}.")
+  _validate_layer_stack(c, path)
   moe = c.moe
   if moe.enabled:
     _require(1 <= moe.num_experts_per_token <= moe.num_experts, f"{path}.moe.num_experts_per_token",
