@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mm1_jax import config_lib  # noqa: E402
+from mm1_jax.experiment import Experiment  # noqa: E402
 from mm1_jax.data import pipeline  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config.")
@@ -30,9 +30,9 @@ _SECONDS = flags.DEFINE_float("seconds", 20.0, "How long to time.")
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  model = config_lib.mm1_config(config)
-  source = pipeline.make_input(config.data, model, process_index=0, process_count=1)
+  config = Experiment.from_config(_CONFIG.value)
+  model = config.model
+  source = pipeline.MultimodalInput(config.data, model, process_index=0, process_count=1)
   for _ in range(_WARMUP.value):
     next(source)
   examples0, images, tokens, batches = source.num_examples, 0, 0, 0

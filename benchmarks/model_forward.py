@@ -4,7 +4,7 @@
         [--batch_size=8 --seq_len=256 --steps=10 --mesh=data=-1]
 
 Prints compile time, step time, text tokens/s and achieved TFLOP/s (FLOPs
-from mm1_jax.summary's model count, 3x forward for a backward pass).
+from mm1_jax.models.accounting's model count, 3x forward for a backward pass).
 Random weights and synthetic batches: this measures the model, not data.
 """
 
@@ -22,7 +22,8 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mm1_jax import config_lib, sharding, summary, testing  # noqa: E402
+from mm1_jax import config_lib, sharding, testing  # noqa: E402
+from mm1_jax.models import accounting  # noqa: E402
 from mm1_jax.models.multimodal import MM1Model  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config.")
@@ -70,11 +71,11 @@ def main(argv):
     fwd_first, fwd_step = _time(forward, params, *args, steps=_STEPS.value)
     bwd_first, bwd_step = _time(train_like, params, *args, steps=_STEPS.value)
 
-  counts = summary.count_params(config)
+  counts = accounting.count_params(config)
   tokens = _BATCH.value * _SEQ_LEN.value
   images = int(batch["image_mask"].sum())
-  flops = (tokens * summary.llm_flops_per_token(config, counts, _SEQ_LEN.value)
-           + _BATCH.value * config.max_images * summary.encoder_flops_per_image(config, counts))
+  flops = (tokens * accounting.llm_flops_per_token(config, counts, _SEQ_LEN.value)
+           + _BATCH.value * config.max_images * accounting.encoder_flops_per_image(config, counts))
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; mesh {dict(mesh.shape)}")
   print(f"batch {_BATCH.value} x {_SEQ_LEN.value} tokens, {images} real images "
         f"({_BATCH.value * config.max_images} slots encoded)")

@@ -11,7 +11,7 @@ the train batch contract, and prints one block with:
   compile     lower + compile of the step (seconds)
   step        mean seconds per step over --steps steps after --warmup steps
   tokens/s    text tokens (segment id > 0) per second
-  TFLOP/s     model FLOPs of a step (metrics.flops_per_step: 3x the forward,
+  TFLOP/s     model FLOPs of a step (accounting.flops_per_step: 3x the forward,
               remat recomputation not counted) per second per device
   MFU         against the peak of this device: on GPU/TPU the vendor table
               (metrics.device_peak_tflops), on CPU a float32 matmul measured
@@ -44,10 +44,13 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mm1_jax import summary, testing  # noqa: E402
+from mm1_jax.data.batch import count_tokens  # noqa: E402
+from mm1_jax.models import accounting  # noqa: E402
+from mm1_jax.experiment import Experiment  # noqa: E402
 from mm1_jax.models.config import MM1Config  # noqa: E402
 from mm1_jax.training import metrics as metrics_lib  # noqa: E402
 from mm1_jax.training import trainer  # noqa: E402
-from mm1_jax.training.train_step import count_tokens, make_global_batch  # noqa: E402
+from mm1_jax.training.train_step import make_global_batch  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps.")
@@ -86,7 +89,7 @@ def train_batch(model: MM1Config, batch_size: int, seq_len: int, seed: int = 0
 
 def compile_step(config):
   """(TrainStep, model config, compiled step, lower seconds, compile seconds)."""
-  train_step, model = trainer.build(config)
+  train_step, model = trainer.build(Experiment.from_config(config))
   start = time.perf_counter()
   lowered = train_step.lower()
   lowered_at = time.perf_counter()
@@ -100,7 +103,7 @@ def _gib(num_bytes: float) -> str:
 
 
 def _describe(config, model: MM1Config, train_step) -> list[str]:
-  counts = summary.count_params(model)
+  counts = accounting.count_params(model)
   return [
       f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
       f"({jax.default_backend()}); mesh {dict(train_step.mesh.shape)}",
@@ -123,7 +126,7 @@ def compare_depths(config, depths: list[int]) -> None:
   rows = []
   for depth in depths:
     train_step, model, _, lower_s, compile_s = compile_step(with_depth(depth))
-    rows.append((depth, summary.count_params(model).total, lower_s, compile_s))
+    rows.append((depth, accounting.count_params(model).total, lower_s, compile_s))
   lines = _describe(config, model, train_step)[:1]
   lines[0] += f"; batch {train_step.batch_size} x {train_step.seq_len}"
   for depth, params, lower_s, compile_s in rows:
@@ -166,7 +169,7 @@ def benchmark(config) -> None:
   peak = max(peak_before, peak_after) if "measured" in peak_source else peak_before
 
   step_time = float(np.mean(times))
-  flops = metrics_lib.flops_per_step(model, train_step.batch_size, train_step.seq_len)
+  flops = accounting.flops_per_step(model, train_step.batch_size, train_step.seq_len)
   tflops = flops / step_time / 1e12 / jax.device_count()
   lines = _describe(config, model, train_step)
   lines += [

@@ -32,7 +32,7 @@ PYTHON = flags.DEFINE_string("python", sys.executable, "local, gpu_slurm: the Py
                              "the trainer (on the nodes: with the requirements installed).")
 # (Not --log_dir: absl.logging owns that name.)
 LOG_DIR = flags.DEFINE_string("process_log_dir", None, "local, gpu_slurm: per-process logs; "
-                              "default <workdir>/logs.")
+                              "default <workdir>/logs (needed for a gs:// workdir).")
 PREPARE_DATA = flags.DEFINE_bool("prepare_data", True, "Build the bundled data sets once before "
                                  "training, so that processes never race to build them.")
 

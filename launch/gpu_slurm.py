@@ -30,9 +30,10 @@ from typing import Sequence
 from absl import app, flags
 
 from launch import common
+from mm1_jax import cli
 
-_NODES = flags.DEFINE_integer("nodes", 1, "Nodes.")
-_GPUS_PER_NODE = flags.DEFINE_integer("gpus_per_node", 8, "GPUs per node.")
+_NODES = flags.DEFINE_integer("nodes", 1, "Nodes.", lower_bound=1)
+_GPUS_PER_NODE = flags.DEFINE_integer("gpus_per_node", 8, "GPUs per node.", lower_bound=1)
 _PROCESS_PER = flags.DEFINE_enum("process_per", "node", ["node", "gpu"],
                                  "One process per node (all its GPUs) or per GPU.")
 _JOB_NAME = flags.DEFINE_string("job_name", "mm1", "SLURM job name.")
@@ -45,7 +46,7 @@ _REPO_DIR = flags.DEFINE_string("repo_dir", common.REPO, "This repository, as th
 _XLA_FLAGS = flags.DEFINE_multi_string("xla_flag", [], "More XLA flags (repeatable).")
 _DEFAULT_XLA_FLAGS = flags.DEFINE_bool("default_xla_flags", True, "Use GPU_XLA_FLAGS.")
 _TERM_GRACE_S = flags.DEFINE_integer("term_grace_s", 300, "SIGTERM this long before the time "
-                                     "limit, to save a checkpoint.")
+                                     "limit, to save a checkpoint.", lower_bound=0)
 
 # XLA flags for LLM training on GPUs, after MaxText's A3 (H100) recipes
 # (MaxText/configs/a3/*) and NVIDIA's JAX-Toolbox GPU performance notes.
@@ -170,4 +171,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

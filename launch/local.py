@@ -26,11 +26,14 @@ from typing import Sequence
 from absl import app, flags
 
 from launch import common
+from mm1_jax import cli
 
-_PROCESSES = flags.DEFINE_integer("processes", 2, "Processes (the hosts of the job).")
+_PROCESSES = flags.DEFINE_integer("processes", 2, "Processes (the hosts of the job).",
+                                   lower_bound=1)
 _DEVICES_PER_PROCESS = flags.DEFINE_integer("devices_per_process", 2,
-                                            "Virtual CPU devices per process.")
-_COORDINATOR_PORT = flags.DEFINE_integer("coordinator_port", 0, "0 picks a free port.")
+                                            "Virtual CPU devices per process.", lower_bound=1)
+_COORDINATOR_PORT = flags.DEFINE_integer("coordinator_port", 0, "0 picks a free port.",
+                                         lower_bound=0, upper_bound=65535)
 
 _POLL_S = 0.2
 
@@ -112,7 +115,10 @@ def forward_signals(processes: list[subprocess.Popen]) -> None:
 def main(argv):
   trainer_args = list(argv[1:])
   workdir = common.check_trainer_args(trainer_args, shared_workdir=False)
-  log_dir = common.LOG_DIR.value or os.path.join(workdir, "logs")
+  log_dir = common.LOG_DIR.value or (None if "://" in workdir else os.path.join(workdir, "logs"))
+  if log_dir is None:  # The logs are written here, by this launcher, not through gfile.
+    raise app.UsageError("a gs:// workdir needs --process_log_dir, a local directory for the "
+                         "process logs.")
   runner = common.Runner(common.DRY_RUN.value)
   if common.PREPARE_DATA.value:
     runner.run([common.PYTHON.value, "-m", common.PREPARE_DATA_MODULE])
@@ -144,4 +150,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -38,6 +38,7 @@ from typing import Sequence
 from absl import app, flags
 
 from launch import common
+from mm1_jax import cli
 
 SUBCOMMANDS = ("run", "logs", "status", "stop", "delete", "tensorboard")
 
@@ -51,21 +52,25 @@ _RUNTIME_VERSION = flags.DEFINE_string("runtime_version", None,
                                        "TPU software version; default: Google's choice for JAX "
                                        "on the accelerator's generation (RUNTIME_VERSIONS).")
 _SPOT = flags.DEFINE_bool("spot", False, "Spot capacity: cheaper, can be preempted.")
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices; > 1 uses a queued resource.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices; > 1 uses a queued resource.",
+                                   lower_bound=1)
 _CODE_REF = flags.DEFINE_string("code_ref", None, "Git ref (commit, branch, tag) to copy; "
                                 "default: this working tree as it is, uncommitted edits included.")
 _INSTALL = flags.DEFINE_bool("install", True, "Install the requirements on the workers.")
 _PYTHON_VERSION = flags.DEFINE_string("python_version", "3.11", "Python of the workers' venv.")
 _WORKER = flags.DEFINE_string("worker", "0", "logs: worker index within a slice, or 'all'.")
 _NODE = flags.DEFINE_string("node", "0", "logs (multi-slice): slice index, or 'all'.")
-_LINES = flags.DEFINE_integer("lines", 100, "logs: lines to show before following.")
+_LINES = flags.DEFINE_integer("lines", 100, "logs: lines to show before following.",
+                              lower_bound=0)
 _FOLLOW = flags.DEFINE_bool("follow", True, "logs: keep following the log.")
 _TENSORBOARD_LOGDIR = flags.DEFINE_string("tensorboard_logdir", None, "tensorboard: the "
                                           "directory to watch as the workers see it, e.g. the "
                                           "run's --workdir.")
 _TENSORBOARD_PORT = flags.DEFINE_integer("tensorboard_port", 6006,
-                                         "tensorboard: port on worker 0, forwarded here.")
-_POLL_S = flags.DEFINE_integer("poll_s", 60, "Seconds between checks of a queued resource.")
+                                         "tensorboard: port on worker 0, forwarded here.",
+                                         lower_bound=1, upper_bound=65535)
+_POLL_S = flags.DEFINE_integer("poll_s", 60, "Seconds between checks of a queued resource.",
+                               lower_bound=1)
 
 # Google's TPU software versions for JAX, by accelerator generation
 # (cloud.google.com/tpu/docs/runtimes).
@@ -336,4 +341,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["tpu", "zone"])
-  app.run(main)
+  cli.run(main)

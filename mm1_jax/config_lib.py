@@ -1,8 +1,8 @@
 """Helpers for experiment config files (configs/*.py).
 
 A config file is a short get_config(arg) that starts from `base_config()`
-and changes what its experiment is about. The model section mirrors the
-dataclasses in mm1_jax/models/config.py field by field, so every model
+and changes what its experiment is about. Every section mirrors a
+dataclass of mm1_jax.experiment.Experiment field by field, so every
 hyper-parameter can be overridden from the command line
 (--config.model.llm.depth=8) and is validated before anything is built.
 """
@@ -14,9 +14,9 @@ import typing
 
 import ml_collections
 
-from mm1_jax.data.config import InputConfig
-from mm1_jax.models.config import ConfigError, MM1Config
-from mm1_jax.training.optimizer import OptimizerConfig
+from mm1_jax.experiment import experiment_defaults
+from mm1_jax.models.config import MM1Config
+from mm1_jax.typed_config import ConfigError
 
 _PLACEHOLDER_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -46,39 +46,12 @@ def model_config(**top_level) -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Defaults shared by every experiment."""
+  """Defaults shared by every experiment: one section per field of
+  mm1_jax.experiment.Experiment (model, data, optimizer, train, eval, mesh),
+  with the defaults of its dataclass, and init_from."""
   config = ml_collections.ConfigDict()
-  config.model = model_config()
-  # The input pipeline (mm1_jax/data/config.py): mixture, batch, length, packing.
-  config.data = _dataclass_to_config(InputConfig())
-  # Mesh axis sizes; -1 takes the remaining devices. dcn_data > 1 spans the
-  # data axis over that many slices (TPU multi-slice, or GPU nodes), the other
-  # sizes then being per slice (mm1_jax/sharding.py, make_mesh).
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, dcn_data=1))
-  # AdamW, schedule, clipping, freezing (mm1_jax/training/optimizer.py).
-  config.optimizer = _dataclass_to_config(OptimizerConfig())
-  config.train = ml_collections.ConfigDict(dict(
-      num_steps=1000,
-      log_every=10,
-      checkpoint_every=100,
-      keep_checkpoints=3,
-      async_checkpoint=True,
-      seed=0,
-      z_loss_weight=0.0,  # Logit z-loss (PaLM); the MoE router z-loss is in model.llm.moe.
-      # Per-device peak TFLOP/s for MFU; unset: the device table, or a measured CPU matmul.
-      peak_tflops=ml_collections.config_dict.placeholder(float),
-  ))
-  # Few-shot evaluation (mm1_jax/evaluation/evaluator.py): during training every
-  # `every_steps` steps (0: never), and the defaults of `python -m mm1_jax.evaluate`.
-  # max_queries: the first N queries of each eval split (0: all).
-  config.eval = ml_collections.ConfigDict(dict(
-      every_steps=0,
-      tasks=("easy_vqa_vqa", "easy_vqa_caption"),
-      shots=(0, 4, 8),
-      max_queries=100,
-      batch_size=16,
-      seed=0,
-  ))
+  for name, defaults in experiment_defaults().items():
+    config[name] = _dataclass_to_config(defaults)
   # Parameters-only initialisation: comma-separated checkpoints, each holding the
   # whole params tree or some components (converted 'encoder' / 'llm' weights).
   config.init_from = ml_collections.config_dict.placeholder(str)

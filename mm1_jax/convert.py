@@ -18,17 +18,18 @@ from it with
 (components not in any listed checkpoint, e.g. the connector, keep their
 fresh initialisation). The converted component's architecture is written to
 {output}/mm1_component.json, with the config overrides that select it.
+--output may be a gs:// directory; --source must be on this machine.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import sys
 from typing import Any, Sequence
 
-from absl import app, flags
+from absl import flags
+
+from mm1_jax import cli
 
 COMPONENT_FILE = "mm1_component.json"
 # Where each component sits in MM1Config / the model's params tree.
@@ -37,12 +38,15 @@ CONFIG_FIELD = {"llm": "model.llm", "encoder": "model.encoder"}
 
 def define_flags() -> None:
   flags.DEFINE_string("source", None, "HF directory, .gguf, .onnx, or a packaged alias.")
-  flags.DEFINE_string("output", None, "New directory for the params checkpoint.")
+  flags.DEFINE_string("output", None, "New directory (local or gs://) for the params "
+                      "checkpoint.")
   flags.DEFINE_enum("format", "auto", ["auto", "safetensors", "gguf", "onnx"],
                     "Source format; auto: from the path.")
   flags.DEFINE_integer("vocab_size", None,
-                       "LLM: pad the embedding to this many rows (appended special tokens).")
-  flags.DEFINE_integer("image_size", None, "Encoder: input resolution (positions are resized).")
+                       "LLM: pad the embedding to this many rows (appended special tokens).",
+                       lower_bound=1)
+  flags.DEFINE_integer("image_size", None, "Encoder: input resolution (positions are resized).",
+                       lower_bound=1)
   flags.DEFINE_integer("feature_layer", None, "Encoder: block whose output is the feature.")
 
 
@@ -63,7 +67,12 @@ def convert(source: str, fmt: str = "auto", vocab_size: int | None = None,
             image_size: int | None = None, feature_layer: int | None = None
             ) -> tuple[str, Any, dict[str, Any]]:
   """Returns (component, its config dataclass, params as nested numpy arrays)."""
+  from mm1_jax import paths
   from mm1_jax.conversion import packaged
+  if paths.is_remote(source):
+    # The safetensors, GGUF and ONNX readers open local files only.
+    raise ValueError(f"--source={source}: sources must be local files; copy it to this "
+                     "machine first (gsutil cp -r). --output may be gs://.")
   source = packaged.resolve(source)
   fmt = source_format(source) if fmt == "auto" else fmt
   vision = {key: value for key, value in
@@ -101,7 +110,8 @@ def config_overrides(component: str, config: Any) -> list[str]:
 
 
 def _check_new(output: str) -> None:
-  if os.path.exists(output):
+  from mm1_jax import paths
+  if paths.as_path(output).exists():
     raise FileExistsError(f"--output={output} exists; choose a new directory (nothing was "
                           "overwritten).")
 
@@ -112,6 +122,7 @@ def write(output: str, component: str, config: Any, params: dict[str, Any], sour
   time, so at most one converted leaf exists twice."""
   import jax.numpy as jnp
 
+  from mm1_jax import paths
   from mm1_jax.training import checkpoint
 
   _check_new(output)
@@ -120,26 +131,20 @@ def write(output: str, component: str, config: Any, params: dict[str, Any], sour
     for name in list(tree):
       tree[name] = to_jax(tree[name]) if isinstance(tree[name], dict) else jnp.asarray(tree[name])
     return tree
-  checkpoint.save_params(output, {component: to_jax(params)})
-  with open(os.path.join(output, COMPONENT_FILE), "w") as f:
-    json.dump({"component": component, "source": source, "config": dataclasses.asdict(config),
-               "config_overrides": config_overrides(component, config)}, f, indent=2)
+  checkpoint.save_params(paths.as_path(output), {component: to_jax(params)})
+  paths.write_json(paths.as_path(output) / COMPONENT_FILE,
+                   {"component": component, "source": source,
+                    "config": dataclasses.asdict(config),
+                    "config_overrides": config_overrides(component, config)}, indent=2)
 
 
 def main(argv: Sequence[str]) -> None:
-  from mm1_jax import cli
   cli.start(argv)
-  from mm1_jax.conversion.params_builder import ConversionError
-
   FLAGS = flags.FLAGS
-  try:
-    _check_new(FLAGS.output)  # Before minutes of conversion, not after.
-    component, config, params = convert(FLAGS.source, FLAGS.format, FLAGS.vocab_size,
-                                        FLAGS.image_size, FLAGS.feature_layer)
-    write(FLAGS.output, component, config, params, FLAGS.source)
-  except (ConversionError, ValueError, KeyError, FileNotFoundError, FileExistsError) as error:
-    print(f"Error: {error}", file=sys.stderr)
-    sys.exit(1)
+  _check_new(FLAGS.output)  # Before minutes of conversion, not after.
+  component, config, params = convert(FLAGS.source, FLAGS.format, FLAGS.vocab_size,
+                                      FLAGS.image_size, FLAGS.feature_layer)
+  write(FLAGS.output, component, config, params, FLAGS.source)
   import jax
   count = sum(leaf.size for leaf in jax.tree.leaves(params))
   print(f"Wrote {component} ({count / 1e6:.1f}M parameters) to {FLAGS.output}; train from it "
@@ -147,6 +152,8 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  from mm1_jax.conversion.params_builder import ConversionError
   define_flags()
-  flags.mark_flags_as_required(["source", "output"])
-  app.run(main)
+  # ValueError / KeyError: a source whose tensors or metadata the importer cannot use.
+  cli.run(main, required=["source", "output"],
+          extra_errors=(ConversionError, ValueError, KeyError, FileExistsError))

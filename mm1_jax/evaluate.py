@@ -25,6 +25,7 @@ step (0 for --untrained); and prints a table (metrics x 100).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -33,6 +34,9 @@ import time
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from mm1_jax import cli
+
 
 def define_flags() -> None:
   """The command-line flags; defined only when run as a program, so that
@@ -43,13 +47,14 @@ def define_flags() -> None:
   flags.DEFINE_list("tasks", None, "SeqIO tasks to evaluate (default: config.eval.tasks).")
   flags.DEFINE_list("shots", None, "Shot counts, e.g. 0,4,8 (default: config.eval.shots).")
   flags.DEFINE_integer("max_queries", None, "Queries per setting, the first N of "
-                       "the eval split; 0: all (default: config.eval.max_queries).")
+                       "the eval split; 0: all (default: config.eval.max_queries).",
+                       lower_bound=0)
   flags.DEFINE_integer("batch_size", None, "Prompts per generate call "
-                       "(default: config.eval.batch_size).")
+                       "(default: config.eval.batch_size).", lower_bound=1)
   flags.DEFINE_integer("seed", None,
-                       "Demonstration sampling seed (default: config.eval.seed).")
+                       "Demonstration sampling seed (default: config.eval.seed).", lower_bound=0)
   flags.DEFINE_integer("num_examples", None, "Predictions kept per setting in the report, "
-                       "for reading errors; 0: all (default: 3).")
+                       "for reading errors; 0: all (default: 3).", lower_bound=0)
   flags.DEFINE_bool("untrained", False, "Evaluate freshly initialised parameters "
                     "(config.train.seed) instead of the latest checkpoint.")
   flags.DEFINE_string("output", None, "JSON report path (default: "
@@ -58,51 +63,55 @@ def define_flags() -> None:
                     "SeqIO tasks of your own.")
 
 
-def settings(config, tasks=None, shots=None, max_queries=None, batch_size=None, seed=None,
+def settings(experiment, tasks=None, shots=None, max_queries=None, batch_size=None, seed=None,
              num_examples=None) -> dict:
-  """The evaluation settings: the flags given, else config.eval's values."""
-  eval_config = config.eval
-  shots = [int(k) for k in (shots if shots is not None else eval_config.shots)]
-  max_queries = eval_config.max_queries if max_queries is None else max_queries
-  return {"tasks": list(tasks if tasks is not None else eval_config.tasks), "shots": shots,
-          "max_queries": max_queries or None,
-          "batch_size": batch_size or eval_config.batch_size,
-          "seed": eval_config.seed if seed is None else seed,
-          "num_examples": num_examples}  # None: the evaluator's default.
+  """The evaluation settings: the flags given, else experiment.eval's values."""
+  from mm1_jax.experiment import validate_eval
+
+  given = dict(tasks=tasks, shots=shots, max_queries=max_queries, batch_size=batch_size,
+               seed=seed)
+  chosen = dataclasses.replace(experiment.eval, **{
+      k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None})
+  validate_eval(chosen)
+  return {"tasks": list(chosen.tasks), "shots": list(chosen.shots),
+          "max_queries": chosen.max_queries or None, "batch_size": chosen.batch_size,
+          "seed": chosen.seed, "num_examples": num_examples}  # None: the evaluator's default.
 
 
-def untrained_params(config):
+def untrained_params(experiment):
   """The parameters training starts from (train.seed), on the run's mesh."""
   import jax
 
   from mm1_jax.training import trainer
 
-  train_step, model_config = trainer.build(config)
-  state = train_step.init(jax.random.key(config.train.seed))
+  train_step, model_config = trainer.build(experiment)
+  state = train_step.init(jax.random.key(experiment.train.seed))
   return state["params"], model_config, train_step.mesh
 
 
-def run(config, workdir: str, *, untrained: bool = False, output: str | None = None,
+def run(experiment, workdir: str, *, untrained: bool = False, output: str | None = None,
         **overrides) -> dict:
-  """Evaluates the run in `workdir` (or its untrained model); returns the report."""
+  """Evaluates the run in `workdir` (or its untrained model); returns the report.
+
+  experiment: the run's mm1_jax.experiment.Experiment; overrides: the
+  settings() keywords (the command's flags), None for experiment.eval's.
+  """
   from clu import metric_writers
 
-  from mm1_jax import config_lib
-  from mm1_jax.data.config import InputConfig
+  from mm1_jax import paths
   from mm1_jax.evaluation import evaluator, fewshot
   from mm1_jax.training import trainer
 
-  chosen = settings(config, **overrides)
-  data_config = InputConfig.from_dict(config.data)
-  vocabulary_path = data_config.vocabulary or ""
-  # A bad model config, task or shot count fails before the checkpoint is read.
-  config_lib.mm1_config(config)
+  chosen = settings(experiment, **overrides)
+  data_config = experiment.data
+  vocabulary_path = data_config.vocabulary
+  # A bad task or shot count fails before the checkpoint is read.
   evaluator.check_tasks(chosen["tasks"], chosen["shots"], vocabulary_path=vocabulary_path)
   if untrained:
-    params, model_config, mesh = untrained_params(config)
+    params, model_config, mesh = untrained_params(experiment)
     step = 0
   else:
-    params, model_config, mesh, step = trainer.restore_params(config, workdir)
+    params, model_config, mesh, step = trainer.restore_params(experiment, workdir)
   start = time.perf_counter()
   results = evaluator.evaluate(
       params, model_config, chosen["tasks"], chosen["shots"], max_queries=chosen["max_queries"],
@@ -117,15 +126,14 @@ def run(config, workdir: str, *, untrained: bool = False, output: str | None = N
       prior = fewshot.question_prior_baseline(task, max_queries=chosen["max_queries"],
                                               vocabulary_path=vocabulary_path)
       results[task]["question_prior"] = {**prior, "num_queries": first["num_queries"]}
-  report = {"workdir": os.path.abspath(workdir), "step": step, "untrained": untrained,
+  report = {"workdir": os.fspath(paths.as_path(workdir)), "step": step, "untrained": untrained,
             "settings": chosen, "seconds": round(time.perf_counter() - start, 1),
             "metrics_scale": "fractions (x 100 for papers' numbers)", "results": results,
-            "config": json.loads(config.to_json_best_effort())}
-  output = output or os.path.join(
-      workdir, "eval", f"step_{step}" + ("_untrained" if untrained else "") + ".json")
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  with open(output, "w") as f:
-    json.dump(report, f, indent=2)
+            "config": json.loads(experiment.config_json)}
+  output = paths.write_json(
+      output or paths.as_path(workdir) / "eval" / (
+          f"step_{step}" + ("_untrained" if untrained else "") + ".json"),
+      report, indent=2)
   writer = metric_writers.create_default_writer(workdir)
   evaluator.write_scalars(writer, step, results)
   writer.close()
@@ -135,11 +143,8 @@ def run(config, workdir: str, *, untrained: bool = False, output: str | None = N
 
 
 def main(argv):
-  from mm1_jax import cli
   cli.start(argv)
-
-  from mm1_jax.models.config import ConfigError
-  from mm1_jax.training.checkpoint import CheckpointMismatchError
+  from mm1_jax.experiment import Experiment
 
   FLAGS = flags.FLAGS
   for module in FLAGS["import"].value:
@@ -148,16 +153,13 @@ def main(argv):
     shots = None if FLAGS.shots is None else [int(k) for k in FLAGS.shots]
   except ValueError:
     raise app.UsageError(f"--shots must be integers, got {','.join(FLAGS.shots)}") from None
-  try:
-    run(FLAGS.config, FLAGS.workdir, untrained=FLAGS.untrained, output=FLAGS.output,
-        tasks=FLAGS.tasks, shots=shots, max_queries=FLAGS.max_queries,
-        batch_size=FLAGS.batch_size, seed=FLAGS.seed, num_examples=FLAGS.num_examples)
-  except (CheckpointMismatchError, ConfigError, FileNotFoundError, ValueError) as error:
-    print(f"Error: {error}", file=sys.stderr)
-    sys.exit(1)
+  experiment = Experiment.from_config(FLAGS.config)
+  run(experiment, FLAGS.workdir, untrained=FLAGS.untrained, output=FLAGS.output,
+      tasks=FLAGS.tasks, shots=shots, max_queries=FLAGS.max_queries,
+      batch_size=FLAGS.batch_size, seed=FLAGS.seed, num_examples=FLAGS.num_examples)
 
 
 if __name__ == "__main__":
   define_flags()
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  # ValueError: unknown tasks, and shot counts a task cannot take (evaluator.check_tasks).
+  cli.run(main, required=["config", "workdir"], extra_errors=(ValueError,))

@@ -18,13 +18,13 @@ continuation (up to EOS).
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 from typing import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from mm1_jax import cli
 
 def define_flags() -> None:
   """The command-line flags; defined only when run as a program, so that
@@ -32,7 +32,8 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Workdir of the training run.")
-  flags.DEFINE_multi_string("image", [], "Image file for the next <image> of the prompt.")
+  flags.DEFINE_multi_string("image", [], "Image file (local or gs://) for the next <image> "
+                            "of the prompt.")
   flags.DEFINE_string("prompt", None, "Prompt text; <image> marks where an image goes.")
   flags.DEFINE_enum("method", "greedy", ["greedy", "sample", "beam"], "Decoding method.")
   flags.DEFINE_integer("max_new_tokens", 32, "Most tokens to generate.")
@@ -49,7 +50,7 @@ class GenerateInputError(ValueError):
   """A prompt or image the command cannot use; the message names it."""
 
 
-def restore_params(config, workdir: str):
+def restore_params(experiment, workdir: str):
   """The latest checkpoint's parameters, placed on the run's mesh.
 
   Returns (params, model_config, mesh). Raises FileNotFoundError when the
@@ -57,7 +58,7 @@ def restore_params(config, workdir: str):
   message training gives) when it holds another config's.
   """
   from mm1_jax.training import trainer
-  params, model_config, mesh, _ = trainer.restore_params(config, workdir)
+  params, model_config, mesh, _ = trainer.restore_params(experiment, workdir)
   return params, model_config, mesh
 
 
@@ -69,15 +70,17 @@ def read_images(paths: Sequence[str], model_config, data_config) -> np.ndarray:
   """
   import tensorflow as tf
 
+  from mm1_jax import paths as workdir_paths
   from mm1_jax.data import images as image_ops
 
   size = model_config.encoder.image_size
   decoded = []
   for path in paths:
-    if not os.path.isfile(path):
+    # Images may live next to the run, in its gs:// bucket.
+    file = workdir_paths.as_path(path)
+    if not file.is_file():
       raise GenerateInputError(f"image file not found: {path}")
-    with open(path, "rb") as f:
-      encoded = f.read()
+    encoded = file.read_bytes()
     try:
       image = image_ops.decode_and_resize(tf.constant([encoded]), size, data_config.image_policy,
                                           pad_color=model_config.encoder.image_mean)
@@ -130,18 +133,18 @@ def encode_prompt(prompt: str, images: np.ndarray, model_config, data_config, vo
   return sequence["decoder_input_tokens"][:length]
 
 
-def generate(config, workdir: str, image_paths: Sequence[str], prompt: str,
+def generate(experiment, workdir: str, image_paths: Sequence[str], prompt: str,
              decode_config, seed: int = 0) -> str:
-  """The continuation of `prompt` (text up to EOS) by the run in `workdir`."""
+  """The continuation of `prompt` (text up to EOS) by the run in `workdir`.
+
+  experiment: the run's mm1_jax.experiment.Experiment.
+  """
   import jax
 
-  from mm1_jax import config_lib
   from mm1_jax.data import tokenizer
-  from mm1_jax.data.config import InputConfig
   from mm1_jax.evaluation import decoding
 
-  data_config = InputConfig.from_dict(config.data)
-  model_config = config_lib.mm1_config(config)
+  data_config, model_config = experiment.data, experiment.model
   vocabulary = tokenizer.get_vocabulary(data_config.vocabulary or None)
   decode_config = dataclasses.replace(decode_config, eos_id=vocabulary.eos_id,
                                       pad_id=vocabulary.pad_id)
@@ -149,7 +152,7 @@ def generate(config, workdir: str, image_paths: Sequence[str], prompt: str,
   decode_config.validate(model_config.llm.vocab_size)
   images = read_images(image_paths, model_config, data_config)
   tokens = encode_prompt(prompt, images, model_config, data_config, vocabulary)
-  params, model_config, mesh = restore_params(config, workdir)
+  params, model_config, mesh = restore_params(experiment, workdir)
   prompts = decoding.make_prompts([tokens], [images], model_config)
   generator = decoding.Generator(model_config, decode_config, mesh)
   output = generator(params, prompts, jax.random.key(seed))
@@ -158,28 +161,20 @@ def generate(config, workdir: str, image_paths: Sequence[str], prompt: str,
 
 
 def main(argv):
-  from mm1_jax import cli
   cli.start(argv)
-
   from mm1_jax.evaluation.decoding import DecodeConfig
-  from mm1_jax.models.config import ConfigError
-  from mm1_jax.training.checkpoint import CheckpointMismatchError
+  from mm1_jax.experiment import Experiment
 
   FLAGS = flags.FLAGS
   decode_config = DecodeConfig(
       max_new_tokens=FLAGS.max_new_tokens, method=FLAGS.method, temperature=FLAGS.temperature,
       top_k=FLAGS.top_k, top_p=FLAGS.top_p, num_beams=FLAGS.num_beams,
       length_penalty=FLAGS.length_penalty)
-  try:
-    text = generate(FLAGS.config, FLAGS.workdir, FLAGS.image, FLAGS.prompt, decode_config,
-                    FLAGS.seed)
-  except (GenerateInputError, CheckpointMismatchError, ConfigError, FileNotFoundError) as error:
-    print(f"Error: {error}", file=sys.stderr)
-    sys.exit(1)
-  print(text)
+  experiment = Experiment.from_config(FLAGS.config)
+  print(generate(experiment, FLAGS.workdir, FLAGS.image, FLAGS.prompt, decode_config,
+                 FLAGS.seed))
 
 
 if __name__ == "__main__":
   define_flags()
-  flags.mark_flags_as_required(["config", "workdir", "prompt"])
-  app.run(main)
+  cli.run(main, required=["config", "workdir", "prompt"], extra_errors=(GenerateInputError,))

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from mm1_jax.models.config import ConfigError
+from mm1_jax.typed_config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -262,3 +262,12 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return x
   rules = nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh, rules))
+
+
+def batch_parallel_size(mesh_shape: Mapping[str, int],
+                        rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> int:
+  """How many ways the rules split a batch over a mesh of `mesh_shape` (the
+  product of the mesh axes 'activation_batch' maps to)."""
+  axes = dict(rules)["activation_batch"]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return math.prod(int(mesh_shape.get(axis, 1)) for axis in axes)

@@ -2,8 +2,8 @@
 
     python -m mm1_jax.summary --config=configs/mm1_3b.py [--seq_len=4096]
 
-Shapes come from jax.eval_shape of the model's init, so even the 30B config
-is summarised in seconds on a laptop.
+The counts and FLOPs come from mm1_jax.models.accounting (jax.eval_shape of
+the model's init), so even the 30B config is summarised in seconds on a laptop.
 
 Compiled memory analysis (`--memory_analysis`): the real train step of the
 config (mm1_jax.training.trainer.build: model, loss, AdamW, remat, grad
@@ -24,110 +24,24 @@ a TPU or GPU compile of the same step differs, so keep a margin.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mm1_jax import config_lib
+from mm1_jax import cli
+from mm1_jax.typed_config import ConfigError, unknown_field_message
+from mm1_jax.models import accounting
 from mm1_jax.models.config import MM1Config
-from mm1_jax.models.multimodal import MM1Model
-
-ADAM_STATE_COPIES = 2  # First and second moments, float32.
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamCounts:
-  encoder: int
-  connector: int
-  llm_embedding: int  # Token embedding and (untied) output head.
-  llm_dense: int  # Non-embedding LLM parameters outside the experts.
-  llm_experts: int  # All experts of all MoE layers.
-  llm_active_experts: int  # The top-k experts a token actually uses.
-
-  @property
-  def llm(self) -> int:
-    return self.llm_embedding + self.llm_dense + self.llm_experts
-
-  @property
-  def total(self) -> int:
-    return self.encoder + self.connector + self.llm
-
-  @property
-  def llm_active(self) -> int:
-    """LLM parameters touched per token (embedding counted once, as a lookup+head)."""
-    return self.llm_embedding + self.llm_dense + self.llm_active_experts
-
-  @property
-  def non_embedding_llm(self) -> int:
-    """The N of MM1's learning-rate law."""
-    return self.llm_dense + self.llm_experts
-
-
-def abstract_params(config: MM1Config) -> Any:
-  """Unboxed ShapeDtypeStructs of the model's params."""
-  enc = config.encoder
-  tokens = jax.ShapeDtypeStruct((1, config.num_image_tokens), jnp.int32)
-  images = jax.ShapeDtypeStruct((1, 1, enc.image_size, enc.image_size, 3), jnp.uint8)
-  image_mask = jax.ShapeDtypeStruct((1, 1), jnp.bool_)
-  variables = jax.eval_shape(MM1Model(config).init, jax.random.key(0), tokens, images, image_mask)
-  return nn.unbox(variables)["params"]
-
-
-def _size(tree) -> int:
-  return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
-
-
-def count_params(config: MM1Config, params: Any | None = None) -> ParamCounts:
-  params = abstract_params(config) if params is None else params
-  llm = params["llm"]
-  embedding = _size(llm["embedder"]) + _size(llm.get("lm_head", {}))
-  experts = 0
-  for path, leaf in jax.tree_util.tree_flatten_with_path(llm["blocks"])[0]:
-    names = [getattr(p, "key", "") for p in path]
-    if "moe" in names and names[-1] in ("gate", "up", "down"):
-      experts += math.prod(leaf.shape)
-  moe = config.llm.moe
-  active = experts * moe.num_experts_per_token // moe.num_experts if moe.enabled else 0
-  return ParamCounts(
-      encoder=_size(params["encoder"]), connector=_size(params["connector"]),
-      llm_embedding=embedding, llm_dense=_size(llm) - embedding - experts,
-      llm_experts=experts, llm_active_experts=active)
-
-
-def llm_flops_per_token(config: MM1Config, counts: ParamCounts, seq_len: int) -> float:
-  """Forward FLOPs per text token: 2 per active weight (the embedding lookup
-  is free, the output head is not) plus causal attention scores and values."""
-  llm = config.llm
-  weights = counts.llm_dense + counts.llm_active_experts + llm.vocab_size * llm.width
-  attention = 2 * 2 * llm.depth * llm.num_heads * llm.resolved_head_dim * seq_len / 2
-  return 2.0 * weights + attention
-
-
-def encoder_flops_per_image(config: MM1Config, counts: ParamCounts) -> float:
-  """Forward FLOPs per image through the ViT (patch matmuls + attention)."""
-  enc = config.encoder
-  tokens = enc.num_patches + int(enc.class_token)
-  attention = 2 * 2 * enc.num_layers_built * enc.width * tokens * tokens
-  return 2.0 * counts.encoder * tokens + attention
-
-
-def memory_bytes(config: MM1Config, counts: ParamCounts) -> dict[str, int]:
-  """Training-state memory: params, gradients and Adam moments (whole model)."""
-  param_bytes = jnp.dtype(config.param_dtype).itemsize * counts.total
-  return {"params": param_bytes, "gradients": param_bytes,
-          "optimizer": ADAM_STATE_COPIES * 4 * counts.total}
 
 
 def _human(count: float) -> str:
@@ -139,7 +53,7 @@ def _human(count: float) -> str:
 
 
 def format_summary(config: MM1Config, seq_len: int, num_devices: int) -> str:
-  counts = count_params(config)
+  counts = accounting.count_params(config)
   giga = _human
   lines = [
       f"encoder    {giga(counts.encoder)}  (ViT {config.encoder.width}w x "
@@ -155,14 +69,16 @@ def format_summary(config: MM1Config, seq_len: int, num_devices: int) -> str:
     lines.append(f"  experts  {giga(counts.llm_experts)}  ({moe.num_experts} experts, top-"
                  f"{moe.num_experts_per_token}, every {moe.moe_every} layer(s); "
                  f"{giga(counts.llm_active_experts).strip()} active per token)")
+  token_flops = accounting.llm_flops_per_token(config, counts, seq_len)
+  image_flops = accounting.encoder_flops_per_image(config, counts)
   lines += [
       f"total      {giga(counts.total)}",
       f"active/token (LLM) {giga(counts.llm_active)}",
-      f"FLOPs/token  LLM forward {llm_flops_per_token(config, counts, seq_len) / 1e9:.2f} GFLOP "
+      f"FLOPs/token  LLM forward {token_flops / 1e9:.2f} GFLOP "
       f"at seq {seq_len} (x3 for a training step)",
-      f"FLOPs/image  encoder forward {encoder_flops_per_image(config, counts) / 1e9:.1f} GFLOP",
+      f"FLOPs/image  encoder forward {image_flops / 1e9:.1f} GFLOP",
   ]
-  memory = memory_bytes(config, counts)
+  memory = accounting.memory_bytes(config, counts)
   total = sum(memory.values())
   lines.append("memory     " + ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in memory.items())
                + f"; training state {total / 2**30:.1f} GiB = {total / num_devices / 2**30:.2f} "
@@ -178,13 +94,25 @@ def format_bytes(num_bytes: float) -> str:
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-  """"fsdp=256" or "data=2,fsdp=128" -> {axis: size}; axes not named are 1."""
+  """"fsdp=256" or "data=2,fsdp=128" -> {axis: size}; axes not named are 1.
+
+  Raises ConfigError for a malformed item, an unknown axis or a size that is
+  neither >= 1 nor -1.
+  """
+  from mm1_jax.experiment import MeshConfig
+
+  axes = {field.name for field in dataclasses.fields(MeshConfig)}
   sizes = {}
   for item in filter(None, (part.strip() for part in text.split(","))):
-    axis, sep, value = item.partition("=")
-    if not sep:
-      raise ValueError(f"mesh: expected axis=size items like 'data=2,fsdp=128', got {item!r}.")
-    sizes[axis.strip()] = int(value)
+    axis, sep, value = (part.strip() for part in item.partition("="))
+    if not sep or not re.fullmatch(r"-?\d+", value):
+      raise ConfigError(f"--mesh: expected axis=size items like 'data=2,fsdp=128', got "
+                        f"{item!r}.")
+    if axis not in axes:
+      raise ConfigError(unknown_field_message("mesh", axis, axes))
+    sizes[axis] = int(value)
+    if sizes[axis] == 0 or sizes[axis] < -1:
+      raise ConfigError(f"--mesh: {axis}={value}; sizes must be >= 1, or -1 for the rest.")
   return sizes
 
 
@@ -255,26 +183,21 @@ def train_step_memory(experiment, mesh: dict[str, int], batch_size: int | None =
                       compiler_options: dict[str, Any] | None = None) -> TrainStepMemory:
   """Lowers and compiles the experiment's train step on abstract inputs.
 
-  experiment: an experiment ConfigDict (configs/*.py); mesh: axis sizes whose
+  experiment: an mm1_jax.experiment.Experiment; mesh: axis sizes whose
   product is jax.device_count() (-1 allowed for one axis); batch_size,
-  seq_len: the global batch (default: the config's data section);
+  seq_len: the global batch (default: the experiment's data section);
   compiler_options: XLA options for the compile (default on CPU:
   CPU_ANALYSIS_COMPILER_OPTIONS). Nothing is allocated on the devices.
   """
-  from mm1_jax.training import trainer  # Here: the trainer imports this module.
+  from mm1_jax import experiment as experiment_lib
+  from mm1_jax.training import trainer  # Here: only --memory_analysis needs the trainer.
 
-  experiment = copy.deepcopy(experiment)
-  with experiment.unlocked():
-    unknown = sorted(set(mesh) - set(experiment.mesh))
-    if unknown:
-      raise ValueError(f"mesh: unknown axis {unknown}; the mesh axes are "
-                       f"{sorted(experiment.mesh)}.")
-    for axis in experiment.mesh:
-      experiment.mesh[axis] = int(mesh.get(axis, 1))
-    if batch_size is not None:
-      experiment.data.batch_size = batch_size
-    if seq_len is not None:
-      experiment.data.seq_len = seq_len
+  axes = {field.name for field in dataclasses.fields(experiment_lib.MeshConfig)}
+  mesh_config = experiment_lib.MeshConfig(**{axis: int(mesh.get(axis, 1)) for axis in axes})
+  data = dataclasses.replace(experiment.data, batch_size=batch_size or experiment.data.batch_size,
+                             seq_len=seq_len or experiment.data.seq_len)
+  experiment = experiment.replace(mesh=mesh_config, data=data)
+  experiment_lib.validate(experiment)  # The batch against this mesh, among others.
   train_step, model = trainer.build(experiment)
   start = time.perf_counter()
   lowered = train_step.lower()
@@ -337,9 +260,11 @@ def _rerun_with_devices(num_devices: int) -> int:
 
 def main(argv):
   del argv
+  from mm1_jax.experiment import Experiment
+
   FLAGS = flags.FLAGS
   if not FLAGS.memory_analysis:
-    config = config_lib.mm1_config(FLAGS.config)
+    config = Experiment.from_config(FLAGS.config).model  # Batch vs this machine's mesh.
     print(format_summary(config, FLAGS.seq_len, FLAGS.num_devices))
     return
   mesh = parse_mesh(FLAGS.mesh) if FLAGS.mesh else dict(FLAGS.config.mesh)
@@ -356,27 +281,26 @@ def main(argv):
                          f"{jax.device_count()}; set XLA_FLAGS="
                          f"--xla_force_host_platform_device_count={num_devices} "
                          "JAX_PLATFORMS=cpu before JAX starts.")
-  config = config_lib.mm1_config(FLAGS.config)
-  print(format_summary(config, FLAGS.seq_len, num_devices), flush=True)
-  report = train_step_memory(FLAGS.config, mesh, FLAGS.batch_size, FLAGS.seq_len)
+  experiment = Experiment.from_config(FLAGS.config, num_devices=num_devices)
+  print(format_summary(experiment.model, FLAGS.seq_len, num_devices), flush=True)
+  report = train_step_memory(experiment, mesh, FLAGS.batch_size, FLAGS.seq_len)
   print(format_train_step_memory(report, FLAGS.device_memory_gib), flush=True)
 
 
 if __name__ == "__main__":
-  # Flags are defined only when run as a program: the counting functions above
-  # are also imported by the trainer and benchmarks, which define their own.
+  # Flags are defined only when run as a program: the formatting and memory
+  # analysis above are also imported by the benchmarks, which define their own.
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.DEFINE_integer("seq_len", 4096, "Sequence length for attention FLOPs "
-                       "(and of the batch of --memory_analysis).")
+                       "(and of the batch of --memory_analysis).", lower_bound=1)
   flags.DEFINE_integer("num_devices", 256, "Devices the training state is spread over (fsdp) "
-                       "for the per-device memory estimate.")
+                       "for the per-device memory estimate.", lower_bound=1)
   flags.DEFINE_bool("memory_analysis", False, "Compile the train step for --mesh on virtual "
                     "CPU devices and print XLA's per-device memory (see the module doc).")
   flags.DEFINE_string("mesh", "", "Mesh for --memory_analysis, e.g. 'fsdp=256' or "
                       "'data=2,fsdp=128'; default: the config's mesh over --num_devices.")
   flags.DEFINE_integer("batch_size", None, "Global batch for --memory_analysis; default: "
-                       "the config's data.batch_size.")
+                       "the config's data.batch_size.", lower_bound=1)
   flags.DEFINE_float("device_memory_gib", 16.0, "Memory of one device, for the fits/does "
-                     "not fit verdict of --memory_analysis.")
-  flags.mark_flag_as_required("config")
-  app.run(main)
+                     "not fit verdict of --memory_analysis.", lower_bound=0.0)
+  cli.run(main, required=["config"])

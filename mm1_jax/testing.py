@@ -67,20 +67,19 @@ def random_params(config: MM1Config, seed: int = 0, stddev: float = 0.05) -> dic
   return jax.tree_util.tree_map_with_path(one, abstract)
 
 
-def write_random_checkpoint(config, workdir: str, step: int) -> None:
-  """Writes a train-state checkpoint of experiment `config` at `step` into
-  workdir: random_params and a zero optimizer state, built on the host
+def write_random_checkpoint(experiment, workdir: str, step: int) -> None:
+  """Writes a train-state checkpoint of `experiment` (an Experiment) at `step`
+  into workdir: random_params and a zero optimizer state, built on the host
   (compiling the real init is slow)."""
   import jax
 
-  from mm1_jax import config_lib
   from mm1_jax.training import checkpoint as checkpoint_lib
   from mm1_jax.training import trainer
 
-  train_step, _ = trainer.build(config)
+  train_step, _ = trainer.build(experiment)
   opt_state = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype),
                            train_step.abstract_state["opt_state"])
-  state = {"step": np.int32(step), "params": random_params(config_lib.mm1_config(config)),
+  state = {"step": np.int32(step), "params": random_params(experiment.model),
            "opt_state": opt_state, "rng": jax.random.key(0)}
   with checkpoint_lib.Checkpointer(workdir, save_every=1, keep=1) as checkpointer:
     checkpointer.save(step, state, force=True)

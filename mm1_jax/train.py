@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from mm1_jax import cli, private_apis
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -24,31 +27,33 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs, 
 _IMPORT = flags.DEFINE_list("import", [], "Modules to import first, e.g. ones that register "
                             "SeqIO tasks and mixtures of your own.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.",
+                                       lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.", lower_bound=0)
 _LOCAL_DEVICE_IDS = flags.DEFINE_list(
     "local_device_ids", None, "Local devices this process drives, e.g. 0,1,2,3,4,5,6,7 for "
     "one process per GPU node under SLURM (where JAX would otherwise give each task only "
     "the GPU of its SLURM_LOCALID); default: JAX's choice.")
+flags.register_validator(
+    "coordinator_address", lambda value: value is None or re.fullmatch(r"[^\s:]+:\d+", value),
+    "must be host:port, e.g. 10.0.0.2:1234.")
+flags.register_validator(
+    "local_device_ids", lambda ids: ids is None or all(i.isdigit() for i in ids),
+    "must be device indices >= 0, e.g. 0,1,2,3.")
+flags.register_multi_flags_validator(
+    ["process_id", "num_processes"],
+    lambda f: f["process_id"] is None or f["num_processes"] is None
+    or f["process_id"] < f["num_processes"],
+    "--process_id must be below --num_processes.")
 
 # Set by GKE's TPU runtimes; plain TPU VMs are recognised by their chips.
 _TPU_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "CLOUD_TPU_TASK_ID",
                     "MEGASCALE_COORDINATOR_ADDRESS")
 
 
-def _on_cloud_tpu_vm() -> bool:
-  """TPU chips on this machine's PCI bus, checked without starting the TPU
-  runtime (jax.distributed.initialize must come first)."""
-  try:
-    from jax._src import hardware_utils  # What JAX's own TPU detection reads.
-    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-  except Exception:  # pylint: disable=broad-except  (a JAX without it: env only)
-    return False
-
-
 def cluster_detected() -> bool:
   """Whether jax.distributed.initialize() can find this job's processes itself."""
-  if any(name in os.environ for name in _TPU_CLUSTER_ENV) or _on_cloud_tpu_vm():
+  if any(name in os.environ for name in _TPU_CLUSTER_ENV) or private_apis.num_tpu_chips() > 0:
     return True  # GCE/GKE TPU: worker list and index from metadata or env.
   # SLURM: only inside a job step (srun) of several tasks. A bare sbatch or
   # salloc shell has SLURM_JOB_ID but no step, and a single task needs no
@@ -83,15 +88,16 @@ def maybe_initialize_distributed() -> None:
 
 
 def main(argv):
-  from mm1_jax import cli
   cli.start(argv)
   maybe_initialize_distributed()
   for module in _IMPORT.value:
     importlib.import_module(module)
+  from mm1_jax.experiment import Experiment
   from mm1_jax.training import trainer
-  trainer.train(_CONFIG.value, _WORKDIR.value)
+  # Parsed and validated once, before data, parameters or compiles.
+  experiment = Experiment.from_config(_CONFIG.value, workdir=_WORKDIR.value)
+  trainer.train(experiment, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, required=["config", "workdir"])

@@ -15,6 +15,7 @@ import tensorflow as tf
 from configs import tiny
 from mm1_jax import evaluate, testing
 from mm1_jax.evaluation import evaluator
+from mm1_jax.experiment import Experiment
 from mm1_jax.training import checkpoint as checkpoint_lib
 from mm1_jax.training import trainer
 
@@ -26,7 +27,7 @@ def tiny_config(**llm):
   config = tiny.get_config("dense")
   config.data.seq_len = 64
   config.model.llm.update(llm)
-  return config
+  return Experiment.from_config(config)
 
 
 @pytest.fixture(scope="module")

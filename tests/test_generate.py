@@ -9,9 +9,9 @@ import pytest
 import tensorflow as tf
 
 from configs import tiny
-from mm1_jax import config_lib, generate, testing
+from mm1_jax import generate, testing
 from mm1_jax.data import tokenizer
-from mm1_jax.data.config import InputConfig
+from mm1_jax.experiment import Experiment
 from mm1_jax.evaluation import decoding
 from mm1_jax.training import checkpoint as checkpoint_lib
 
@@ -25,7 +25,7 @@ def tiny_config(**llm):
   config.model.max_images = 1
   config.data.seq_len = 64
   config.model.llm.update(llm)
-  return config
+  return Experiment.from_config(config)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def image_path(tmp_path_factory):
 
 def test_prompt_is_laid_out_like_the_training_inputs(image_path):
   config = tiny_config()
-  model, data = config_lib.mm1_config(config), InputConfig.from_dict(config.data)
+  model, data = config.model, config.data
   vocabulary = tokenizer.get_vocabulary()
   images = generate.read_images([image_path], model, data)
   assert images.shape == (1, 64, 64, 3) and images.dtype == np.uint8

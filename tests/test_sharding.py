@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from mm1_jax import config_lib, sharding, testing
-from mm1_jax.models.config import ConfigError
+from mm1_jax.typed_config import ConfigError
 from mm1_jax.models.multimodal import MM1Model
 
 MESHES = {

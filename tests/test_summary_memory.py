@@ -4,6 +4,8 @@ import pytest
 
 from configs import tiny
 from mm1_jax import config_lib, summary
+from mm1_jax.experiment import Experiment
+from mm1_jax.models import accounting
 
 
 def test_parse_mesh():
@@ -16,7 +18,8 @@ def test_parse_mesh():
 def test_compiled_memory_of_tiny_on_an_fsdp_mesh():
   config = tiny.get_config("dense")
   config.model.max_images = 1
-  report = summary.train_step_memory(config, {"fsdp": 8}, batch_size=8, seq_len=32)
+  report = summary.train_step_memory(Experiment.from_config(config), {"fsdp": 8},
+                                     batch_size=8, seq_len=32)
   assert report.mesh["fsdp"] == 8 and report.batch_size == 8 and report.seq_len == 32
   compiled = report.compiled
   assert compiled.argument > 0 and compiled.output > 0 and compiled.temp > 0
@@ -25,7 +28,7 @@ def test_compiled_memory_of_tiny_on_an_fsdp_mesh():
   assert compiled.total == (compiled.argument + compiled.output - compiled.alias + compiled.temp
                             + compiled.generated_code)
   # fsdp splits the parameters (and Adam's moments) over the 8 devices.
-  full = 4 * summary.count_params(config_lib.mm1_config(config)).total
+  full = 4 * accounting.count_params(config_lib.mm1_config(config)).total
   assert report.params_bytes < full / 4
   assert report.optimizer_bytes < 2 * full / 4
   assert compiled.argument >= report.params_bytes + report.optimizer_bytes

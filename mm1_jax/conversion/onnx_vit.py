@@ -40,7 +40,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mm1_jax.conversion.hf_vision import expected_param_shapes
 from mm1_jax.conversion.params_builder import ConversionError, ParamsBuilder
-from mm1_jax.models.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, VitConfig, validate_vit
+from mm1_jax.models.config import IMAGENET_MEAN, IMAGENET_STD, VitConfig, validate_vit
+from mm1_jax.typed_config import ConfigError
 
 _PATCH_CONV = "embeddings/patch_embeddings/projection/Conv"
 # Ops that only move or retype a tensor between an initializer and its user.

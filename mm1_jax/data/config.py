@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from mm1_jax.models.config import dataclass_from_dict, to_plain_dict
+from mm1_jax.typed_config import ConfigError, dataclass_from_dict, require_at_least, to_plain_dict
+
+# How an image of another aspect ratio is fitted to the encoder's square
+# (mm1_jax/data/images.py).
+IMAGE_POLICIES = ("stretch", "pad", "crop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,4 +37,20 @@ class InputConfig:
 
   @classmethod
   def from_dict(cls, values) -> "InputConfig":
-    return dataclass_from_dict(cls, to_plain_dict(values), "data")
+    config = dataclass_from_dict(cls, to_plain_dict(values), "data")
+    validate(config)
+    return config
+
+
+def validate(config: InputConfig) -> None:
+  """Raises ConfigError naming the first data field that cannot work."""
+  c = config
+  # Two tokens: one input and one target at least.
+  require_at_least(c, "data", batch_size=1, seq_len=2, seed=0, num_epochs=1)
+  if c.image_policy not in IMAGE_POLICIES:
+    raise ConfigError(f"data.image_policy: unknown policy {c.image_policy!r}; use one of "
+                      f"{IMAGE_POLICIES}.")
+  for field in ("mixture", "split"):
+    if not getattr(c, field).strip():
+      raise ConfigError(f"data.{field}: empty; name a registered SeqIO "
+                        f"{'task or mixture' if field == 'mixture' else 'split'}.")

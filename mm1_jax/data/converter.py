@@ -23,7 +23,8 @@ import numpy as np
 import seqio
 
 from mm1_jax.data import packing, tokenizer
-from mm1_jax.models.config import ConfigError, MM1Config
+from mm1_jax.models.config import MM1Config
+from mm1_jax.typed_config import ConfigError
 
 
 class MultimodalFeatureConverter:

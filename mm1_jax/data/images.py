@@ -26,6 +26,7 @@ from typing import Sequence
 
 import tensorflow as tf
 
+from mm1_jax.data.config import IMAGE_POLICIES
 from mm1_jax.models.config import CLIP_MEAN
 
 # The data pipeline runs on the host; TF must not grab the accelerators JAX
@@ -36,7 +37,7 @@ try:
 except RuntimeError:
   pass
 
-POLICIES = ("stretch", "pad", "crop")
+POLICIES = IMAGE_POLICIES
 
 
 def _check_args(image_size: int, policy: str, pad_color: Sequence[float]) -> None:

@@ -16,7 +16,8 @@ segment. So a run must never be the last thing in an example: the shift would
 drop its last placeholder (and its image would have no next token to predict
 anyway). `fit_example` guarantees this; `Packer` checks it.
 
-Sequence (the batch contract, unbatched; L = length, N = max_images):
+Sequence (one row of the batch contract of mm1_jax/data/batch.py; L = length,
+N = max_images):
   decoder_target_tokens  int32 [L]  the tokens; 0 on padding
   decoder_input_tokens   int32 [L]  targets shifted right within each segment,
                                     0 at each segment's first position
@@ -36,10 +37,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-PAD_ID = 0
+from mm1_jax.data import batch as batch_lib
 
-SEQUENCE_KEYS = ("decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights",
-                 "decoder_segment_ids", "decoder_positions", "images", "image_mask")
+PAD_ID = 0
 
 
 def _special_ids(marker_id: int, start_id: int | None, end_id: int | None) -> list[int]:
@@ -278,10 +278,7 @@ class Packer:
 
   def _build(self, examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Lays examples out as one sequence (module docstring's contract)."""
-    length = self.length
-    seq = {key: np.zeros(length, np.int32) for key in SEQUENCE_KEYS[:5]}
-    seq["images"] = np.zeros((self.max_images, *self.image_shape), np.uint8)
-    seq["image_mask"] = np.zeros(self.max_images, bool)
+    seq = batch_lib.empty_sequence(self.length, self.max_images, self.image_shape)
     offset = slot = 0
     for segment, example in enumerate(examples, start=1):
       tokens, n = example["tokens"], len(example["tokens"])

@@ -20,19 +20,22 @@ Batch contract (per host, B = global batch / process count):
 
 from __future__ import annotations
 
+import io
 import json
 import os
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
+from mm1_jax import paths
 from mm1_jax.data import images as image_ops
 from mm1_jax.data import packing, sources, tasks, tokenizer
 from mm1_jax.data.converter import MultimodalFeatureConverter
 from mm1_jax.data.config import InputConfig
-from mm1_jax.models.config import ConfigError, MM1Config
+from mm1_jax.models.config import MM1Config
+from mm1_jax.typed_config import ConfigError
 
 tf.config.set_visible_devices([], "GPU")
 
@@ -149,24 +152,36 @@ class MultimodalInput:
   # --- saving and restoring the position -------------------------------------
 
   def save(self, directory: str) -> None:
-    """Writes the stream position under `directory` (created if needed)."""
-    os.makedirs(directory, exist_ok=True)
-    tf.train.Checkpoint(iterator=self._iterator).write(os.path.join(directory, "tf_data"))
+    """Writes the stream position under `directory` (created if needed).
+
+    `directory` may be a gs:// URI: files go through etils.epath, the
+    iterator through tf.train.Checkpoint (TensorFlow's file systems).
+    """
+    directory = paths.as_path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tf.train.Checkpoint(iterator=self._iterator).write(os.fspath(directory / "tf_data"))
     arrays = {f"ready_{i}_{k}": v for i, seq in enumerate(self._ready) for k, v in seq.items()}
     arrays.update({f"packer_{k}": np.asarray(v) for k, v in self.converter.get_state().items()})
-    np.savez(os.path.join(directory, "host_state.npz"), **arrays)
-    with open(os.path.join(directory, "counters.json"), "w") as f:
-      json.dump({"num_ready": len(self._ready), "next_index": self._next_index,
-                 "num_skipped": self.num_skipped, "num_examples": self.num_examples,
-                 "exhausted": self._exhausted}, f)
+    # Zipped in memory: zipfile seeks back in its output, which the write-only
+    # file objects of gs:// (tf.io.gfile) refuse.
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    with (directory / "host_state.npz").open("wb") as f:
+      f.write(buffer.getvalue())
+    (directory / "counters.json").write_text(json.dumps(
+        {"num_ready": len(self._ready), "next_index": self._next_index,
+         "num_skipped": self.num_skipped, "num_examples": self.num_examples,
+         "exhausted": self._exhausted}))
 
   def restore(self, directory: str) -> None:
     """Continues from a position written by `save` with the same configs."""
+    directory = paths.as_path(directory)
     tf.train.Checkpoint(iterator=self._iterator).read(
-        os.path.join(directory, "tf_data")).assert_consumed()
-    with open(os.path.join(directory, "counters.json")) as f:
-      counters = json.load(f)
-    with np.load(os.path.join(directory, "host_state.npz")) as arrays:
+        os.fspath(directory / "tf_data")).assert_consumed()
+    counters = json.loads((directory / "counters.json").read_text())
+    with (directory / "host_state.npz").open("rb") as f:
+      data = io.BytesIO(f.read())
+    with np.load(data) as arrays:
       self._ready = [{k.split("_", 2)[2]: arrays[k] for k in arrays.files
                       if k.startswith(f"ready_{i}_")} for i in range(counters["num_ready"])]
       self.converter.set_state({k[len("packer_"):]: arrays[k] for k in arrays.files
@@ -176,7 +191,3 @@ class MultimodalInput:
     self.num_examples = counters["num_examples"]
     self._exhausted = counters["exhausted"]
 
-
-def make_input(data_config: Any, model: MM1Config, **kwargs) -> MultimodalInput:
-  """MultimodalInput from an experiment's `config.data` section."""
-  return MultimodalInput(InputConfig.from_dict(data_config), model, **kwargs)

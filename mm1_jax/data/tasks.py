@@ -269,3 +269,14 @@ def required_sources(name: str) -> set[str]:
     if isinstance(source, seqio.TfdsDataSource):
       needed.add(source.tfds_dataset.name.split(":")[0])
   return needed & {EASY_VQA, SHAKESPEARE}
+
+
+# Bundled tasks whose examples never carry images (every other task may).
+TEXT_ONLY_TASKS = frozenset({"shakespeare_text"})
+
+
+def has_images(name: str) -> bool:
+  """Whether a registered task or mixture can yield examples with images."""
+  provider = get_task_or_mixture(name)
+  tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  return any(task.name.split("__")[0] not in TEXT_ONLY_TASKS for task in tasks)

@@ -44,9 +44,8 @@ from mm1_jax.data.sources import easy_vqa, shakespeare
 SPECIAL_TOKENS = ("<image>", "<image_start>", "<image_end>", "<|system|>", "<|user|>",
                   "<|assistant|>", "<|end|>")
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
-# SPECIAL_TOKENS[i] gets id FIRST_SPECIAL_ID + i (user-defined symbols follow
-# the control pieces), e.g. image_placeholder_id = 3.
-FIRST_SPECIAL_ID = 3
+# SPECIAL_TOKENS[i] gets id 3 + i (user-defined symbols follow the control
+# pieces PAD, EOS, UNK), e.g. image_placeholder_id = 3.
 VOCAB_SIZE = 4096
 
 ASSETS_DIR = os.path.join(os.path.dirname(__file__), "assets")

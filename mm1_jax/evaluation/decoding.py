@@ -46,9 +46,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mm1_jax import sharding
+from mm1_jax.data.batch import check_image_placeholders
 from mm1_jax.models import decoder
-from mm1_jax.models.config import ConfigError, MM1Config
-from mm1_jax.models.multimodal import MM1Model, check_image_placeholders
+from mm1_jax.models.config import MM1Config
+from mm1_jax.models.multimodal import MM1Model
+from mm1_jax.typed_config import ConfigError
 
 METHODS = ("greedy", "sample", "beam")
 

@@ -12,6 +12,8 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+from mm1_jax.typed_config import ConfigError, dataclass_from_dict, require_at_least, to_plain_dict
+
 # CLIP's normalisation constants (OpenAI); ImageNet's are used by DINOv2.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -27,10 +29,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 # flash-attention kernel via jax.nn.dot_product_attention (NVIDIA GPU, bf16 /
 # fp16), which never writes the [T, S] scores to memory.
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
-
-
-class ConfigError(ValueError):
-  """A configuration value that cannot work; the message names the field."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,44 +182,6 @@ class MM1Config:
     return dataclasses.replace(self, **changes)
 
 
-def to_plain_dict(values: Any) -> Any:
-  """A ConfigDict (or dict) as nested plain dicts."""
-  if hasattr(values, "to_dict"):
-    values = values.to_dict()
-  if isinstance(values, Mapping):
-    return {k: to_plain_dict(v) for k, v in values.items()}
-  return values
-
-
-def dataclass_from_dict(cls, values: Mapping[str, Any], path: str):
-  """Builds dataclass `cls` from a (nested) dict; unknown keys raise ConfigError
-  naming them as `path.key` and listing the accepted ones."""
-  fields = {f.name: f for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - set(fields))
-  if unknown:
-    raise ConfigError(
-        f"Unknown field(s) {', '.join(f'{path}.{u}' for u in unknown)}; "
-        f"{path} accepts: {', '.join(sorted(fields))}.")
-  kwargs = {}
-  for name, value in values.items():
-    nested = _NESTED.get((cls, name))
-    if nested is not None:
-      kwargs[name] = dataclass_from_dict(nested, value, f"{path}.{name}")
-    elif isinstance(value, list):
-      kwargs[name] = tuple(value)
-    else:
-      kwargs[name] = value
-  return cls(**kwargs)
-
-
-_NESTED = {
-    (MM1Config, "encoder"): VitConfig,
-    (MM1Config, "connector"): ConnectorConfig,
-    (MM1Config, "llm"): DecoderConfig,
-    (DecoderConfig, "moe"): MoeConfig,
-}
-
-
 def _require(ok: bool, field: str, message: str) -> None:
   if not ok:
     raise ConfigError(f"{field}: {message}")
@@ -245,6 +205,11 @@ def _validate_layer_stack(c: VitConfig | DecoderConfig, path: str) -> None:
 
 def validate_vit(config: VitConfig, path: str = "encoder") -> None:
   c = config
+  require_at_least(c, path, image_size=1, patch_size=1, width=1, depth=1, num_heads=1,
+                   mlp_dim=1, pos_grid_size=1)
+  _require(c.norm_eps > 0, f"{path}.norm_eps", f"must be > 0, got {c.norm_eps}.")
+  _require(c.layer_scale_init is None or c.layer_scale_init > 0, f"{path}.layer_scale_init",
+           f"must be > 0 (or unset: no LayerScale), got {c.layer_scale_init}.")
   _require(c.image_size % c.patch_size == 0, f"{path}.patch_size",
            f"patch_size {c.patch_size} does not divide image_size {c.image_size}; "
            "choose an image_size that is a multiple of the patch size.")
@@ -256,12 +221,18 @@ def validate_vit(config: VitConfig, path: str = "encoder") -> None:
            f"feature_layer {c.feature_layer} is outside [-{c.depth}, {c.depth - 1}] "
            f"for a ViT of depth {c.depth}.")
   _validate_layer_stack(c, path)
-  _require(len(c.image_mean) == 3 and len(c.image_std) == 3, f"{path}.image_mean",
-           "image_mean and image_std need three (RGB) values each.")
+  for field in ("image_mean", "image_std"):
+    _require(len(getattr(c, field)) == 3, f"{path}.{field}",
+             f"needs three (RGB) values, got {getattr(c, field)}.")
+  _require(all(v > 0 for v in c.image_std), f"{path}.image_std",
+           f"must be > 0 per channel (images are divided by it), got {c.image_std}.")
 
 
 def validate_connector(config: ConnectorConfig, vit: VitConfig, path: str = "connector") -> None:
   c = config
+  require_at_least(c, path, num_image_tokens=1, hidden_dim=1, depth=0, mlp_depth=1,
+                   num_heads=1)
+  _require(0 < c.se_ratio <= 1, f"{path}.se_ratio", f"must be in (0, 1], got {c.se_ratio}.")
   _require(c.kind in CONNECTOR_KINDS, f"{path}.kind",
            f"unknown connector {c.kind!r}; use one of {CONNECTOR_KINDS}.")
   if c.kind in ("c_abstractor", "avg_pool"):
@@ -284,6 +255,12 @@ def validate_connector(config: ConnectorConfig, vit: VitConfig, path: str = "con
 
 def validate_decoder(config: DecoderConfig, path: str = "llm") -> None:
   c = config
+  require_at_least(c, path, vocab_size=1, width=1, depth=1, num_heads=1, num_kv_heads=1,
+                   head_dim=1, mlp_dim=1)
+  _require(c.rope_theta > 0, f"{path}.rope_theta", f"must be > 0, got {c.rope_theta}.")
+  _require(c.norm_eps > 0, f"{path}.norm_eps", f"must be > 0, got {c.norm_eps}.")
+  require_at_least(c.moe, f"{path}.moe", num_experts=0, num_experts_per_token=1, moe_every=1,
+                   expert_mlp_dim=1, balance_loss_weight=0.0, router_z_loss_weight=0.0)
   if c.head_dim is None:
     _require(c.width % c.num_heads == 0, f"{path}.width",
              f"width {c.width} is not divisible by num_heads {c.num_heads}; "
@@ -308,9 +285,9 @@ def validate_decoder(config: DecoderConfig, path: str = "llm") -> None:
 
 def validate(config: MM1Config) -> None:
   """Raises ConfigError naming the first field that cannot work."""
-  validate_vit(config.encoder)
-  validate_connector(config.connector, config.encoder)
-  validate_decoder(config.llm)
+  validate_vit(config.encoder, "model.encoder")
+  validate_connector(config.connector, config.encoder, "model.connector")
+  validate_decoder(config.llm, "model.llm")
   _require(0 <= config.image_placeholder_id < config.llm.vocab_size, "model.image_placeholder_id",
            f"{config.image_placeholder_id} is not a token id of a vocabulary of "
            f"{config.llm.vocab_size}.")

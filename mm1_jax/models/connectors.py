@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mm1_jax.models.config import ConfigError, ConnectorConfig
-from mm1_jax.models.layers import (DEFAULT_KERNEL_INIT, Dtype, Mlp, as_dtype, dense,
-                                   dot_product_attention, layer_norm)
+from mm1_jax.models.config import ConnectorConfig
+from mm1_jax.typed_config import ConfigError
+from mm1_jax.models.layers import (DEFAULT_KERNEL_INIT, RESIDUAL_AXES, Dtype, Mlp, as_dtype,
+                                   dense, dot_product_attention, layer_norm)
 from mm1_jax.sharding import constrain
 
 # timm's LayerNorm2d (the C-Abstractor's norm) uses eps 1e-6.
@@ -35,7 +36,6 @@ CONV_NORM_EPS = 1e-6
 # Honeybee initialises its position embedding with trunc_normal(std=0.02).
 POS_EMBED_INIT = nn.initializers.truncated_normal(stddev=0.02)
 
-_OUTPUT_AXES = ("activation_batch", "activation_length", "activation_embed")
 _GRID_AXES = ("activation_batch", None, None, None)
 
 
@@ -215,7 +215,7 @@ class CAbstractor(Connector):
     for i in range(1, c.mlp_depth):
       tokens = dense(self.out_dim, ("mlp", "embed"), name=f"readout_{i}", use_bias=True,
                      **kw)(nn.silu(tokens))
-    return constrain(tokens, _OUTPUT_AXES)
+    return constrain(tokens, RESIDUAL_AXES)
 
 
 class AveragePooling(Connector):
@@ -233,7 +233,7 @@ class AveragePooling(Connector):
     tokens = adaptive_avg_pool2d(grid, out_side).reshape(batch, out_side * out_side, width)
     tokens = dense(self.out_dim, ("embed", "mlp"), name="proj", use_bias=True,
                    dtype=self.dtype, param_dtype=self.param_dtype)(tokens)
-    return constrain(tokens, _OUTPUT_AXES)
+    return constrain(tokens, RESIDUAL_AXES)
 
 
 class AttentionPooling(Connector):
@@ -268,7 +268,7 @@ class AttentionPooling(Connector):
     pooled = dense(width, ("heads", "head_dim", "embed"), name="out", axis=(-2, -1),
                    **kw)(pooled)
     tokens = dense(self.out_dim, ("embed", "mlp"), name="proj", **kw)(pooled)
-    return constrain(tokens, _OUTPUT_AXES)
+    return constrain(tokens, RESIDUAL_AXES)
 
 
 class MlpConnector(Connector):
@@ -283,7 +283,7 @@ class MlpConnector(Connector):
                        f"num_image_tokens is {self.config.num_image_tokens}.")
     tokens = Mlp(self.out_dim, activation="gelu", out_dim=self.out_dim, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="mlp")(x.astype(as_dtype(self.dtype)))
-    return constrain(tokens, _OUTPUT_AXES)
+    return constrain(tokens, RESIDUAL_AXES)
 
 
 CONNECTORS = {

@@ -20,11 +20,9 @@ import jax.numpy as jnp
 
 from mm1_jax.models import layers
 from mm1_jax.models.config import DecoderConfig, MoeConfig
-from mm1_jax.models.moe import MoeFeedForward
+from mm1_jax.models.moe import MOE_METRICS, MoeFeedForward
 from mm1_jax.sharding import constrain
 
-AUX_KEYS = ("balance_loss", "router_z_loss", "dropped_fraction")
-RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
 # Of the stacked cache arrays [num_blocks, B, S, KV, head_dim] (see init_cache).
 CACHE_AXES = ("layers",) + layers.CACHE_AXES
 
@@ -52,14 +50,14 @@ class DecoderLayer(nn.Module):
                          name="attn", **kw)(h, mask, positions, cache)
     if cache is not None:
       h, cache = h
-    x = constrain(x + h, RESIDUAL_AXES)
+    x = constrain(x + h, layers.RESIDUAL_AXES)
     h = layers.RMSNorm(c.norm_eps, self.param_dtype, name="mlp_norm")(x)
     if self.use_moe:
       h, aux = MoeFeedForward(c, name="moe", **kw)(h, token_mask)
     else:
       h = layers.GatedMlp(c.mlp_dim, name="mlp", **kw)(h)
-      aux = {key: jnp.zeros((), jnp.float32) for key in AUX_KEYS}
-    return constrain(x + h, RESIDUAL_AXES), aux, cache
+      aux = {key: jnp.zeros((), jnp.float32) for key in MOE_METRICS}
+    return constrain(x + h, layers.RESIDUAL_AXES), aux, cache
 
 
 class DecoderBlock(nn.Module):
@@ -171,7 +169,7 @@ class Decoder(nn.Module):
       segment_ids = jnp.ones_like(tokens)
     if embeddings is None:
       embeddings = self.embed(tokens)
-    x = constrain(embeddings.astype(layers.as_dtype(self.dtype)), RESIDUAL_AXES)
+    x = constrain(embeddings.astype(layers.as_dtype(self.dtype)), layers.RESIDUAL_AXES)
     mask = layers.segment_causal_mask(segment_ids)
     token_mask = segment_ids != 0
     x, (block_aux, _) = self.blocks(x, positions, mask, token_mask, None)
@@ -191,7 +189,7 @@ class Decoder(nn.Module):
     Returns the final hidden states [B, T, D] (before the final norm; see
     `logits`) and the updated cache.
     """
-    x = constrain(embeddings.astype(layers.as_dtype(self.dtype)), RESIDUAL_AXES)
+    x = constrain(embeddings.astype(layers.as_dtype(self.dtype)), layers.RESIDUAL_AXES)
     mask = cache_attention_mask(positions, cache["layer_0"].key.shape[2])
     x, (_, cache) = self.blocks(x, positions, mask, token_mask, cache)
     return x, cache

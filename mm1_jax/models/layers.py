@@ -21,6 +21,10 @@ Dtype = jnp.dtype | str
 # Fan-in scaled truncated normal (for flax's own Conv, which sees true shapes).
 DEFAULT_KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
+# Logical axes of the residual stream [B, T, D] of every tower (the decoder,
+# the ViT, the connector output, the MoE output); rules in mm1_jax/sharding.py.
+RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
+
 def as_dtype(name: Dtype) -> jnp.dtype:
   return jnp.dtype(name)
 

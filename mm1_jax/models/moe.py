@@ -29,8 +29,12 @@ import jax
 import jax.numpy as jnp
 
 from mm1_jax.models.config import DecoderConfig
-from mm1_jax.models.layers import Dtype, as_dtype, dense
+from mm1_jax.models.layers import RESIDUAL_AXES, Dtype, as_dtype, dense
 from mm1_jax.sharding import constrain
+
+# The statistics in the aux of MoeFeedForward (and of the decoder, summed over
+# its MoE layers); the train step reports them as metrics.
+MOE_METRICS = ("balance_loss", "router_z_loss", "dropped_fraction")
 
 # Per-expert fan-in init: the leading expert dim is a batch dim, not fan-in
 # (the default init would count E * D as the fan-in of an [E, D, F] kernel).
@@ -170,7 +174,7 @@ def _capacity_dispatch(x, top_experts, top_weights, token_mask, gate, up, down,
   expert_out = _expert_ffn(expert_in, gate, up, down)
   # Combine in float32: the k weighted expert outputs are summed here.
   y = jnp.einsum("btec,ebcd->btd", combine, expert_out, preferred_element_type=jnp.float32)
-  y = constrain(y, ("activation_batch", "activation_length", "activation_embed"))
+  y = constrain(y, RESIDUAL_AXES)
   return y, dropped_fraction
 
 

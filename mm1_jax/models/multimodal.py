@@ -13,52 +13,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-
+from mm1_jax.data.batch import check_image_placeholders
 from mm1_jax.models import layers
 from mm1_jax.models.config import MM1Config
 from mm1_jax.models.connectors import build_connector
 from mm1_jax.models.decoder import Decoder, moe_aux_loss
 from mm1_jax.models.vit import VisionTransformer, normalize_images
 from mm1_jax.sharding import constrain
-
-
-class PlaceholderMismatchError(ValueError):
-  """Placeholder runs in the tokens do not match the real images of a row."""
-
-
-def check_image_placeholders(tokens: Any, image_mask: Any, num_image_tokens: int,
-                             placeholder_id: int) -> None:
-  """Host-side check that every placeholder run matches a real image.
-
-  tokens: int [B, T]; image_mask: bool [B, max_images]. Per row: real image
-  slots come first (a prefix of the mask), every maximal run of placeholders
-  is a whole number of images, and there are exactly num_image_tokens per
-  real image. Raises PlaceholderMismatchError naming the row otherwise.
-  """
-  tokens, image_mask = np.asarray(tokens), np.asarray(image_mask, dtype=bool)
-  if tokens.shape[0] != image_mask.shape[0]:
-    raise PlaceholderMismatchError(f"tokens have batch {tokens.shape[0]} but image_mask has "
-                                   f"batch {image_mask.shape[0]}.")
-  for row, (row_tokens, row_mask) in enumerate(zip(tokens, image_mask)):
-    num_real = int(row_mask.sum())
-    if not row_mask[:num_real].all():
-      raise PlaceholderMismatchError(
-          f"row {row}: real images must fill the first image slots, got image_mask "
-          f"{row_mask.astype(int).tolist()}.")
-    is_placeholder = np.concatenate([[False], row_tokens == placeholder_id, [False]])
-    edges = np.flatnonzero(np.diff(is_placeholder.astype(np.int8)))
-    run_lengths = edges[1::2] - edges[::2]
-    bad = [int(n) for n in run_lengths if n % num_image_tokens]
-    if bad:
-      raise PlaceholderMismatchError(
-          f"row {row}: a run of {bad[0]} placeholder tokens is not a whole number of images "
-          f"({num_image_tokens} tokens each); an image was split or truncated.")
-    num_placeholder_images = int(run_lengths.sum()) // num_image_tokens
-    if num_placeholder_images != num_real:
-      raise PlaceholderMismatchError(
-          f"row {row}: the text has placeholders for {num_placeholder_images} image(s) but "
-          f"image_mask marks {num_real} real image(s).")
 
 
 def splice_image_embeddings(text_embeddings: jax.Array, tokens: jax.Array,

@@ -21,11 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mm1_jax.models.config import VitConfig
-from mm1_jax.models.layers import (Attention, Dtype, Mlp, as_dtype, dense, layer_norm,
-                                   maybe_remat)
+from mm1_jax.models.layers import (RESIDUAL_AXES, Attention, Dtype, Mlp, as_dtype, dense,
+                                   layer_norm, maybe_remat)
 from mm1_jax.sharding import constrain
 
-_RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
 _EMBED_INIT = nn.initializers.normal(stddev=0.02)
 
 
@@ -128,7 +127,7 @@ class Block(nn.Module):
     h = norm(name="norm2")(x).astype(dtype)
     h = Mlp(c.mlp_dim, activation=c.activation, name="mlp", **kw)(h)
     x = x + self._layer_scale("ls2", h)
-    return constrain(x, _RESIDUAL_AXES), None
+    return constrain(x, RESIDUAL_AXES), None
 
 
 class VisionTransformer(nn.Module):
@@ -181,7 +180,7 @@ class VisionTransformer(nn.Module):
 
     if c.pre_norm:
       x = layer_norm(name="pre_norm", eps=c.norm_eps, param_dtype=param_dtype)(x).astype(dtype)
-    x = constrain(x, _RESIDUAL_AXES)
+    x = constrain(x, RESIDUAL_AXES)
 
     # One scanned block: compile time and HLO size do not grow with depth.
     stack = nn.scan(

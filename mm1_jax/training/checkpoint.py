@@ -2,8 +2,12 @@
 
 Layout of a workdir:
 
-    {workdir}/checkpoints/{step}/default/...        Orbax train-state checkpoint
-    {workdir}/data_state/{step}/process_{i}/...     data stream position of host i
+    {workdir}/checkpoints/{step}/default/...                    train state (Orbax PyTree)
+    {workdir}/checkpoints/{step}/data/process_{i}-of-{n}/...    data position of process i
+
+Both are items of one Orbax step: written into the step's temporary
+directory and committed together by its rename (or commit file on gs://),
+and deleted together when `keep` prunes the step.
 
 Usage in a training loop:
 
@@ -26,24 +30,25 @@ both at the same point.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import shutil
 import signal
 from typing import Any, Iterable, Mapping, Protocol
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-# Not exported: the store that keeps typed PRNG keys' metadata (Orbax's own
-# default registry builds its array handler with it).
-from orbax.checkpoint._src.metadata import array_metadata_store as orbax_array_metadata
 from absl import logging
 from etils import epath
 
+from mm1_jax import paths as paths_lib
+from mm1_jax import private_apis
+
 CHECKPOINTS_DIR = "checkpoints"
-DATA_STATE_DIR = "data_state"
-# The item name Orbax's CheckpointManager uses for a single (default) item.
+# The step items. The state keeps the name Orbax gives a single item, so
+# steps written before the data item existed, and load_params, read alike.
 STATE_ITEM = ocp.checkpoint_manager.DEFAULT_ITEM_NAME
+DATA_ITEM = "data"
 PARAMS_KEY = "params"
 # Files Orbax writes into every PyTree checkpoint directory.
 _PYTREE_METADATA_FILE = "_METADATA"
@@ -65,13 +70,83 @@ class CheckpointMismatchError(ValueError):
 
 
 class DataSource(Protocol):
-  """What the Checkpointer needs of an input pipeline (e.g. MultimodalInput)."""
+  """What the Checkpointer needs of an input pipeline (e.g. MultimodalInput).
+
+  `directory` may be a gs:// URI: write through etils.epath or TensorFlow.
+  """
 
   def save(self, directory: str) -> None:
+    """Writes the stream position under `directory` (created if needed)."""
     ...
 
   def restore(self, directory: str) -> None:
+    """Continues from the position `save` wrote there."""
     ...
+
+
+# ---------------------------------------------------------------------------
+# The data item: every process's data position, inside the Orbax step.
+
+
+def data_entry_name(process_index: int, process_count: int) -> str:
+  """One process's entry in a step's data item, e.g. 'process_0-of-2'.
+
+  The process count is in the name so that a run restored on another number
+  of processes finds no entry instead of another shard's position.
+  """
+  return f"process_{process_index}-of-{process_count}"
+
+
+class DataPositionHandler(ocp.CheckpointHandler):
+  """Orbax handler of the data item: each process saves its own entry.
+
+  A synchronous handler on purpose. Orbax's CompositeCheckpointHandler runs a
+  synchronous item's save in CheckpointManager.save itself, on every process,
+  once the item's temporary directory exists (under async checkpointing it
+  waits for the directory-creation signal), and before save returns: the
+  position written is the one at the step, not a later one the training
+  loop has moved on to. Orbax then commits it with the state, atomically.
+  """
+
+  def save(self, directory: epath.Path, args: DataPositionSave) -> None:
+    entry = directory / data_entry_name(jax.process_index(), jax.process_count())
+    args.source.save(os.fspath(entry))
+
+  def restore(self, directory: epath.Path, args: DataPositionRestore) -> DataSource:
+    entry = directory / data_entry_name(jax.process_index(), jax.process_count())
+    if not entry.exists():
+      raise FileNotFoundError(_missing_data_position_message(directory.parent, entry))
+    args.source.restore(os.fspath(entry))
+    return args.source
+
+
+@ocp.args.register_with_handler(DataPositionHandler, for_save=True)
+@dataclasses.dataclass
+class DataPositionSave(ocp.args.CheckpointArgs):
+  """Saves `source`'s position as this process's entry of the data item."""
+  source: DataSource
+
+
+@ocp.args.register_with_handler(DataPositionHandler, for_restore=True)
+@dataclasses.dataclass
+class DataPositionRestore(ocp.args.CheckpointArgs):
+  """Restores `source` from this process's entry of the data item."""
+  source: DataSource
+
+
+def _missing_data_position_message(step_dir: epath.Path, entry: epath.Path) -> str:
+  """Why `entry` is missing: no data item at all, or other processes' entries."""
+  data_dir = step_dir / DATA_ITEM
+  # Orbax adds files of its own (commit_success.txt): list the entries only.
+  found = (sorted(path.name for path in data_dir.iterdir() if path.name.startswith("process_"))
+           if data_dir.exists() else [])
+  if not found:
+    reason = "the step was saved without a data source"
+  else:
+    reason = (f"it holds {', '.join(found)}: the checkpoint was written by a different "
+              "number of processes")
+  return (f"No data position of process {jax.process_index()} of {jax.process_count()} "
+          f"in {step_dir}: expected {entry}; {reason}.")
 
 
 # ---------------------------------------------------------------------------
@@ -179,7 +254,7 @@ def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
   return ocp.type_handlers.create_type_handler_registry(
       (jax.Array, ocp.type_handlers.ArrayHandler(
           use_replica_parallel=replica_parallel,
-          array_metadata_store=orbax_array_metadata.Store())),
+          array_metadata_store=private_apis.array_metadata_store())),
       (np.ndarray, ocp.type_handlers.NumpyHandler()),
       (int, ocp.type_handlers.ScalarHandler()),
       (float, ocp.type_handlers.ScalarHandler()),
@@ -194,15 +269,15 @@ def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
 class Checkpointer:
   """Saves and restores the train state and the data position of a workdir.
 
-  The train state (a pytree of sharded jax.Arrays, typed PRNG keys included)
-  goes through an Orbax CheckpointManager in `{workdir}/checkpoints`, saved
-  asynchronously by default: `save` returns once the arrays are copied off
-  the devices and the writing continues in the background. Orbax writes into
-  a temporary directory and renames it on commit, so a process killed during
-  a save leaves a partial directory that `latest_step` and `restore` ignore.
-
-  The data position of every process is written synchronously before the
-  Orbax save starts, so a committed step always has its data position.
+  One Orbax CheckpointManager in `{workdir}/checkpoints` with two items per
+  step: the train state (STATE_ITEM: a pytree of sharded jax.Arrays, typed
+  PRNG keys included), saved asynchronously by default (`save` returns once
+  the arrays are copied off the devices, the writing continues in the
+  background), and the data position (DATA_ITEM, DataPositionHandler),
+  written before `save` returns. Orbax writes both into the step's temporary
+  directory and commits them together, so a process killed during a save
+  leaves a partial directory that `latest_step` and `restore` ignore, and a
+  committed step always has its data position; `keep` prunes both together.
 
   Multi-host: every process must call save / restore / wait / close (Orbax
   synchronises them); each writes and reads only its own data position.
@@ -213,11 +288,8 @@ class Checkpointer:
       raise ValueError(f"save_every must be >= 1, got {save_every}.")
     if keep < 1:
       raise ValueError(f"keep must be >= 1, got {keep}.")
-    # Orbax's tensorstore layer refuses relative paths (`make train` passes one).
-    workdir = str(workdir)
-    self.workdir = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
+    self.workdir = paths_lib.as_path(workdir)  # Absolute: tensorstore refuses relative paths.
     self.directory = self.workdir / CHECKPOINTS_DIR
-    self.data_directory = self.workdir / DATA_STATE_DIR
     self.save_every = save_every
     self.keep = keep
     # The same name format for the manager and for latest_step's disk listing.
@@ -232,7 +304,10 @@ class Checkpointer:
         create=True)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers=ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()))
+        item_handlers={
+            STATE_ITEM: ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
+            DATA_ITEM: DataPositionHandler(),
+        })
 
   # Saving.
 
@@ -251,53 +326,13 @@ class Checkpointer:
     """
     if not self.should_save(step, force):
       return False
-    # Finish the previous save (Orbax would wait here anyway), so the steps it
-    # deleted can have their data positions pruned.
-    self._manager.wait_until_finished()
-    self._prune_data_states()
+    items = {STATE_ITEM: ocp.args.PyTreeSave(state)}
     if data_source is not None:
-      self._save_data_state(step, data_source)
-    saved = self._manager.save(step, args=ocp.args.PyTreeSave(state), force=True)
+      items[DATA_ITEM] = DataPositionSave(data_source)
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     if saved:
       logging.info("Checkpoint of step %d started in %s", step, self.directory)
     return saved
-
-  def _process_data_dir(self, step: int) -> epath.Path:
-    """This process's data position directory of `step`."""
-    return self.data_directory / str(step) / f"process_{jax.process_index()}"
-
-  def _save_data_state(self, step: int, data_source: DataSource) -> None:
-    """Writes this process's data position of `step`, replacing a stale one."""
-    directory = self._process_data_dir(step)
-    if directory.exists():  # Left by a run killed before this step committed.
-      shutil.rmtree(directory)
-    data_source.save(os.fspath(directory))
-
-  def _prune_data_states(self) -> None:
-    """Deletes this process's data positions of steps Orbax no longer keeps.
-
-    Multi-host: only steps older than the newest kept one are pruned; a newer
-    step directory may be another process's save in flight (processes are at
-    most one save apart: Orbax saves are collective).
-    """
-    if not self.data_directory.exists():
-      return
-    kept = set(self._manager.all_steps())
-    newest = max(kept, default=-1)
-    for step_dir in self.data_directory.iterdir():
-      if (not step_dir.name.isdigit() or int(step_dir.name) in kept
-          or int(step_dir.name) > newest):
-        continue
-      own = step_dir / f"process_{jax.process_index()}"
-      if own.exists():
-        shutil.rmtree(own)
-      try:
-        # os.rmdir, not epath's rmdir: that raises ValueError on a non-empty
-        # directory and checks before removing recursively, so it could delete
-        # another process's data position written in between.
-        os.rmdir(os.fspath(step_dir))  # Succeeds for the last process to remove its own.
-      except OSError:
-        pass
 
   # Querying and restoring.
 
@@ -327,13 +362,17 @@ class Checkpointer:
     if step is None:
       return None
     self.check_compatible(step, abstract_state)
-    if data_source is not None:
-      self._restore_data_state(step, data_source)
-    state = self._manager.restore(step, args=ocp.args.PyTreeRestore(
+    items = {STATE_ITEM: ocp.args.PyTreeRestore(
         item=abstract_state,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)))
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
+    if data_source is not None:
+      entry = self.data_position_path(step)
+      if not entry.exists():  # Before reading any array.
+        raise FileNotFoundError(_missing_data_position_message(entry.parent.parent, entry))
+      items[DATA_ITEM] = DataPositionRestore(data_source)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     logging.info("Restored step %d from %s", step, self.directory)
-    return state
+    return restored[STATE_ITEM]
 
   def check_compatible(self, step: int, abstract_state: Any) -> None:
     """Raises CheckpointMismatchError if `step` does not fit abstract_state."""
@@ -347,22 +386,19 @@ class Checkpointer:
                 "Nothing in the workdir was modified."),
         expected_name="config")
 
-  def _restore_data_state(self, step: int, data_source: DataSource) -> None:
-    """Restores this process's data position of `step`."""
-    directory = self._process_data_dir(step)
-    if not directory.exists():
-      raise FileNotFoundError(
-          f"No data position for step {step} of process {jax.process_index()} at "
-          f"{directory}; the checkpoint was written without a data source or by a "
-          "different number of processes.")
-    data_source.restore(os.fspath(directory))
+  def data_position_path(self, step: int, process_index: int | None = None,
+                         process_count: int | None = None) -> epath.Path:
+    """A process's data position entry of committed `step` (default: this one's)."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    step_dir = self._name_format.find_step(self.directory, step).path
+    return step_dir / DATA_ITEM / data_entry_name(process_index, process_count)
 
   # Lifecycle.
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are committed."""
     self._manager.wait_until_finished()
-    self._prune_data_states()
 
   def close(self) -> None:
     """Waits for pending saves and releases Orbax's resources."""
@@ -383,7 +419,7 @@ class Checkpointer:
 def save_params(path: str, params: Any) -> None:
   """Writes a params-only checkpoint to `path` (which must not exist yet)."""
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(epath.Path(path).absolute(), params)
+    checkpointer.save(paths_lib.as_path(path), params)
     checkpointer.wait_until_finished()
 
 
@@ -419,7 +455,7 @@ def load_params(path: str, abstract_params: Any) -> Any:
   Raises CheckpointMismatchError listing every missing, unexpected and
   mis-shaped parameter.
   """
-  path = epath.Path(path).absolute()
+  path = paths_lib.as_path(path)
   item_dir, in_train_state, stored = _stored_params(path)
   _check_params(path, stored, abstract_params)
   return _restore_params(item_dir, in_train_state, abstract_params)
@@ -472,7 +508,7 @@ def load_component_params(paths: Iterable[str], abstract_params: Mapping[str, An
   """
   params, sources = dict(init_params), {}
   for path in paths:
-    path = epath.Path(path).absolute()
+    path = paths_lib.as_path(path)
     item_dir, in_train_state, stored = _stored_params(path)
     unknown = sorted(set(stored) - set(abstract_params))
     if unknown:

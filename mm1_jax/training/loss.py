@@ -12,8 +12,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-# MoE statistics of the model's aux that are reported as metrics.
-MOE_METRICS = ("balance_loss", "router_z_loss", "dropped_fraction")
+from mm1_jax.models.moe import MOE_METRICS
 
 
 def _weighted_mean(values: jax.Array, weights: jax.Array, total: jax.Array) -> jax.Array:

@@ -1,4 +1,7 @@
-"""Training metrics: FLOPs and MFU, TensorBoard scalars and the console line."""
+"""Training metrics: device peak and MFU, TensorBoard scalars and the console line.
+
+The FLOPs of a step come from mm1_jax.models.accounting.flops_per_step.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mm1_jax import summary
-from mm1_jax.models.config import MM1Config
+from mm1_jax.models.moe import MOE_METRICS
 
 # Dense bf16 matmul peak per device, TFLOP/s (vendor figures, no sparsity).
 PEAK_TFLOPS = {
@@ -43,26 +45,6 @@ def device_peak_tflops(override: float | None = None) -> tuple[float, str]:
   return measure_matmul_peak(), f"measured float32 matmul on {kind}"
 
 
-def flops_per_step(model: MM1Config, batch_size: int, seq_len: int,
-                   frozen_connector: bool = False) -> float:
-  """Training FLOPs of one step, for every text position and every image slot
-  (all slots are encoded).
-
-  Each tower costs its forward, the same again for activation gradients
-  when anything at or before it (encoder -> connector -> LLM) trains, and
-  the same again for weight gradients when it trains itself: 3x the forward
-  when everything trains, 2x for a frozen LLM under a trained connector
-  (LLaVA stage 1), 1x for a frozen encoder (model.freeze_*).
-  """
-  counts = summary.count_params(model)
-  llm = batch_size * seq_len * summary.llm_flops_per_token(model, counts, seq_len)
-  encoder = batch_size * model.max_images * summary.encoder_flops_per_image(model, counts)
-  encoder_trains, llm_trains = not model.freeze_encoder, not model.freeze_llm
-  gradient_reaches_llm = encoder_trains or not frozen_connector or llm_trains
-  return (encoder * (1 + 2 * encoder_trains)
-          + llm * (1 + gradient_reaches_llm + llm_trains))
-
-
 def format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   hours, rest = divmod(seconds, 3600)
@@ -70,7 +52,14 @@ def format_duration(seconds: float) -> str:
 
 
 class Reporter:
-  """Turns per-step metrics into TensorBoard scalars and a console line."""
+  """Turns a log window's metrics into TensorBoard scalars and a console line.
+
+  The metrics passed to `report` are the means over the steps since the last
+  report (the trainer's log window): the loss of a single step of a mixed
+  stream swings too much to read. Step time, throughput and MFU are the wall
+  time between two reports over their steps. `last_scalars` keeps what the
+  last report wrote.
+  """
 
   def __init__(self, workdir: str, num_steps: int, flops_per_step: float, peak_tflops: float,
                write: bool = True):
@@ -78,7 +67,8 @@ class Reporter:
     self.writer = metric_writers.create_default_writer(workdir, just_logging=not write)
     self.num_steps, self.flops_per_step, self.peak = num_steps, flops_per_step, peak_tflops
     self.num_devices = jax.device_count()
-    self._last_time, self._last_step, self._start = None, None, time.perf_counter()
+    self._last_time, self._last_step = None, None
+    self.last_scalars: dict[str, float] = {}
 
   def report(self, step: int, metrics: dict[str, float], tokens: int, extra: dict[str, float]
              ) -> str:
@@ -96,13 +86,14 @@ class Reporter:
       scalars.update(step_time=step_time, tokens_per_second=tokens / step_time,
                      tflops_per_device=tflops, mfu=tflops / self.peak)
     self.writer.write_scalars(step, scalars)
+    self.last_scalars = scalars
     eta = (self.num_steps - step) * step_time if np.isfinite(step_time) else float("nan")
     line = (f"step {step}/{self.num_steps} ({100 * step / self.num_steps:.0f}%) "
             f"loss {scalars['loss']:.4f} acc {scalars['accuracy']:.3f} "
             f"gnorm {scalars['grad_norm']:.3f} lr {scalars['learning_rate']:.2e}")
-    if "balance_loss" in scalars and scalars.get("balance_loss", 0):
-      line += (f" moe bal {scalars['balance_loss']:.3f} z {scalars['router_z_loss']:.3f}"
-               f" drop {scalars['dropped_fraction']:.3f}")
+    if any(scalars.get(key) for key in MOE_METRICS):  # Dense models report zeros.
+      line += " moe " + " ".join(f"{key} {scalars[key]:.3f}" for key in MOE_METRICS
+                                 if key in scalars)
     if np.isfinite(step_time):
       line += (f" | {step_time:.2f} s/step {scalars['tokens_per_second']:.0f} tok/s "
                f"{scalars['tflops_per_device']:.3f} TFLOP/s/dev MFU {100 * scalars['mfu']:.1f}%"

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mm1_jax.models.config import ConfigError, dataclass_from_dict, to_plain_dict
+from mm1_jax.typed_config import ConfigError, dataclass_from_dict, to_plain_dict
 
 # Top-level parts of MM1Model's params that `freeze` may name.
 PARTS = ("encoder", "connector", "llm")
@@ -128,7 +128,7 @@ def peak_learning_rate(config: OptimizerConfig, num_non_embedding_params: int | 
   if not config.lr_law:
     return config.learning_rate
   _require(num_non_embedding_params is not None, "lr_law",
-           "needs the non-embedding parameter count (summary.count_params(...)"
+           "needs the non-embedding parameter count (accounting.count_params(...)"
            ".non_embedding_llm).")
   return mm1_lr_law(num_non_embedding_params)
 

@@ -20,30 +20,14 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mm1_jax import sharding
+from mm1_jax.data.batch import abstract_batch, batch_logical_axes
 from mm1_jax.models.config import MM1Config
 from mm1_jax.models.multimodal import MM1Model
 from mm1_jax.training import loss as loss_lib
 
-TOKEN_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
-              "decoder_segment_ids", "decoder_positions")
-
-
-def batch_logical_axes(key: str, ndim: int) -> tuple[str | None, ...]:
-  """Batch arrays are split over the batch mesh axes, replicated otherwise."""
-  return ("activation_batch",) + (None,) * (ndim - 1)
-
-
-def abstract_batch(batch_size: int, seq_len: int, model: MM1Config) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes and dtypes of a global batch (see the data pipeline's contract)."""
-  size = model.encoder.image_size
-  shapes = {key: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32) for key in TOKEN_KEYS}
-  shapes["images"] = jax.ShapeDtypeStruct((batch_size, model.max_images, size, size, 3), jnp.uint8)
-  shapes["image_mask"] = jax.ShapeDtypeStruct((batch_size, model.max_images), jnp.bool_)
-  return shapes
-
 
 def batch_shardings(batch: dict[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
-  return {key: sharding.logical_sharding(batch_logical_axes(key, len(value.shape)),
+  return {key: sharding.logical_sharding(batch_logical_axes(len(value.shape)),
                                          value.shape, mesh)
           for key, value in batch.items()}
 
@@ -57,7 +41,7 @@ def make_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[st
   out = {}
   for key, value in local_batch.items():
     global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
-    target = sharding.logical_sharding(batch_logical_axes(key, value.ndim), global_shape, mesh)
+    target = sharding.logical_sharding(batch_logical_axes(value.ndim), global_shape, mesh)
     out[key] = jax.make_array_from_process_local_data(target, value, global_shape)
   return out
 
@@ -103,8 +87,8 @@ class TrainStep:
 
   def _model_inputs(self):
     spec = self.batch_spec
-    return (jnp.zeros(spec["decoder_input_tokens"].shape, jnp.int32),
-            jnp.zeros(spec["images"].shape, jnp.uint8), jnp.zeros(spec["image_mask"].shape, bool))
+    return tuple(jnp.zeros(spec[key].shape, spec[key].dtype)
+                 for key in ("decoder_input_tokens", "images", "image_mask"))
 
   def _init_boxed(self, rng):
     rows = slice(0, 1)  # Parameter shapes do not depend on the batch.
@@ -197,8 +181,4 @@ def _like_params(opt_state, params, params_shardings, mesh: Mesh):
 
 def _keys(path) -> tuple[str, ...]:
   return tuple(str(getattr(entry, "key", getattr(entry, "name", entry))) for entry in path)
-
-
-def count_tokens(batch: dict[str, np.ndarray]) -> int:
-  return int(np.sum(np.asarray(batch["decoder_segment_ids"]) > 0))
 

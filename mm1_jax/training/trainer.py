@@ -1,33 +1,42 @@
 """The training loop: restore or create the state, step, log, checkpoint.
 
-    train(config, workdir)
+    train(Experiment.from_config(config, workdir=workdir), workdir)
 
 On start the latest complete checkpoint in workdir/checkpoints is restored
 (step, params, optimizer state, RNG and the data position), so a killed or
 preempted run continues exactly where its last checkpoint left it.
+
+The loop never waits on the host: a background thread prepares and
+transfers the next global batches while the device runs the current step
+(training/prefetch.py), and the metrics are read back only on log and
+checkpoint steps, where the losses of every step since the last read are
+checked for NaN / inf before anything is saved.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 
-from mm1_jax import config_lib, sharding, summary
-from mm1_jax.data.config import InputConfig
-from mm1_jax.models.multimodal import check_image_placeholders
+from mm1_jax import paths, sharding
+from mm1_jax.data.batch import check_image_placeholders, count_tokens
+from mm1_jax.experiment import Experiment
+from mm1_jax.models import accounting
 from mm1_jax.training import checkpoint as checkpoint_lib
 from mm1_jax.training import metrics as metrics_lib
-from mm1_jax.training.optimizer import OptimizerConfig, make_optimizer
-from mm1_jax.training.train_step import TrainStep, count_tokens, make_global_batch
+from mm1_jax.training.optimizer import make_optimizer
+from mm1_jax.training.prefetch import BatchPrefetcher
+from mm1_jax.training.train_step import TrainStep, make_global_batch
 
 LOSS_LOG = "train_losses.jsonl"  # One {"step", "loss"} line per step (process 0).
+CONFIG_FILE = "config.json"  # The resolved config, as run.
+EVAL_DIR = "eval"  # Evaluation reports during training: eval/step_{N}.json.
+PREFETCH_DEPTH = 2  # Global batches prepared ahead of the running step.
 
 
 def say(message: str) -> None:
@@ -41,34 +50,30 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or inf; training stopped before saving anything."""
 
 
-def write_config(config, workdir: str) -> None:
+def write_config(experiment: Experiment, workdir: str) -> None:
   """The resolved config, as run, next to the checkpoints."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    path = paths.as_path(workdir) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(experiment.config_json)
 
 
-def build(config) -> tuple[TrainStep, Any]:
-  """The TrainStep (model, optimizer, mesh) of an experiment config."""
-  optimizer_config = OptimizerConfig.from_dict(config.optimizer)
-  model = config_lib.mm1_config(config)
-  # A tower the optimizer freezes gets no gradient computed either.
-  model = model.replace(freeze_encoder=model.freeze_encoder or "encoder" in optimizer_config.freeze,
-                        freeze_llm=model.freeze_llm or "llm" in optimizer_config.freeze)
-  data = InputConfig.from_dict(config.data)
-  mesh = sharding.make_mesh(dict(config.mesh))
-  params = summary.abstract_params(model)
-  counts = summary.count_params(model, params)
-  optimizer, schedule = make_optimizer(optimizer_config, params, config.train.num_steps,
+def build(experiment: Experiment) -> tuple[TrainStep, Any]:
+  """The TrainStep (model, optimizer, mesh) of an experiment, and its model
+  config (frozen towers marked, so they get no gradient computed)."""
+  model = experiment.trained_model
+  mesh = sharding.make_mesh(experiment.mesh.sizes())
+  params = accounting.abstract_params(model)
+  counts = accounting.count_params(model, params)
+  optimizer, schedule = make_optimizer(experiment.optimizer, params, experiment.train.num_steps,
                                        counts.non_embedding_llm)
-  step = TrainStep(model, optimizer, schedule, mesh, data.batch_size, data.seq_len,
-                   z_loss_weight=config.train.z_loss_weight,
-                   grad_accum_steps=optimizer_config.grad_accum_steps)
+  step = TrainStep(model, optimizer, schedule, mesh, experiment.data.batch_size,
+                   experiment.data.seq_len, z_loss_weight=experiment.train.z_loss_weight,
+                   grad_accum_steps=experiment.optimizer.grad_accum_steps)
   return step, model
 
 
-def restore_params(config, workdir: str):
+def restore_params(experiment: Experiment, workdir: str):
   """The latest checkpoint's parameters, placed on the run's mesh (for
   evaluation and generation: no optimizer state, nothing written).
 
@@ -76,21 +81,21 @@ def restore_params(config, workdir: str):
   the workdir has no checkpoint, and checkpoint.CheckpointMismatchError (the
   message training gives) when it holds another config's.
   """
-  train_step, model_config = build(config)
+  train_step, model_config = build(experiment)
   # Checked first: the Checkpointer would create a missing directory.
-  if not os.path.isdir(os.path.join(workdir, checkpoint_lib.CHECKPOINTS_DIR)):
-    raise FileNotFoundError(f"no checkpoints in {workdir}: expected "
-                            f"{os.path.join(workdir, checkpoint_lib.CHECKPOINTS_DIR)}; train "
+  checkpoints = paths.as_path(workdir) / checkpoint_lib.CHECKPOINTS_DIR
+  if not checkpoints.is_dir():
+    raise FileNotFoundError(f"no checkpoints in {workdir}: expected {checkpoints}; train "
                             "first (python -m mm1_jax.train) or pass the run's --workdir.")
   # Read only: it never saves, and no `keep` limit may drop a checkpoint.
-  checkpointer = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=sys.maxsize)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=2**31)
   try:
     step = checkpointer.latest_step()
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {checkpointer.directory}.")
     checkpointer.check_compatible(step, train_step.abstract_state)
     # Parameters only: the optimizer state would double the memory for nothing.
-    params = checkpoint_lib.load_params(os.fspath(checkpointer.directory / str(step)),
+    params = checkpoint_lib.load_params(str(checkpointer.directory / str(step)),
                                         train_step.abstract_state["params"])
   finally:
     checkpointer.close()
@@ -98,97 +103,160 @@ def restore_params(config, workdir: str):
   return params, model_config, train_step.mesh, step
 
 
-def _initial_state(train_step: TrainStep, config, checkpointer, data_source):
+def _initial_state(train_step: TrainStep, experiment: Experiment, checkpointer, data_source):
   state = checkpointer.restore(train_step.abstract_state, data_source)
   if state is not None:
     say(f"Restored step {int(state['step'])} from {checkpointer.directory}")
     return state
-  state = train_step.init(jax.random.key(config.train.seed))
-  if config.init_from:
-    paths = [path.strip() for path in config.init_from.split(",") if path.strip()]
+  state = train_step.init(jax.random.key(experiment.train.seed))
+  if experiment.init_from:
     params, sources = checkpoint_lib.load_component_params(
-        paths, train_step.abstract_state["params"], state["params"])
+        experiment.init_from, train_step.abstract_state["params"], state["params"])
     state = {**state, "params": params}
     for component in state["params"]:
       say(f"Initialised {component} from {sources.get(component, 'scratch (seed)')}")
   return state
 
 
-def evaluate(config, workdir: str, step: int, params, model, mesh, writer) -> None:
-  """Few-shot evaluation of the current params (config.eval); every process
+def evaluate(experiment: Experiment, workdir: str, step: int, params, model, mesh,
+             writer) -> None:
+  """Few-shot evaluation of the current params (experiment.eval); every process
   decodes, process 0 writes {workdir}/eval/step_{step}.json and the scalars."""
   from mm1_jax.evaluation import evaluator  # Only runs that evaluate need it.
-  data = InputConfig.from_dict(config.data)
+  settings, data = experiment.eval, experiment.data
   results = evaluator.evaluate(
-      params, model, config.eval.tasks, config.eval.shots,
-      max_queries=config.eval.max_queries or None, batch_size=config.eval.batch_size,
-      seed=config.eval.seed, mesh=mesh, image_policy=data.image_policy,
-      image_start_end=data.image_start_end, vocabulary_path=data.vocabulary or "", log=say)
+      params, model, settings.tasks, settings.shots,
+      max_queries=settings.max_queries or None, batch_size=settings.batch_size,
+      seed=settings.seed, mesh=mesh, image_policy=data.image_policy,
+      image_start_end=data.image_start_end, vocabulary_path=data.vocabulary, log=say)
   writer.write_scalars(step, evaluator.scalars(results))
   if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    with open(os.path.join(workdir, "eval", f"step_{step}.json"), "w") as f:
-      json.dump({"step": step, "results": results}, f, indent=2)
+    paths.write_json(paths.as_path(workdir) / EVAL_DIR / f"step_{step}.json",
+                     {"step": step, "results": results}, indent=2)
 
 
-def train(config, workdir: str) -> dict[str, Any]:
-  """Trains `config` in `workdir`; returns the last step's metrics."""
+class _MetricsWindow:
+  """The device-side metrics of the steps since the last report.
+
+  Nothing is read back per step: `check` fetches the losses not yet checked
+  (on log and checkpoint steps) and `report_means` all metrics of the window.
+  """
+
+  def __init__(self):
+    self.steps: list[int] = []
+    self.metrics: list[dict[str, jax.Array]] = []
+    self.num_tokens = 0
+    self._checked = 0  # Steps at the front of the window already checked and logged.
+
+  def add(self, step: int, metrics: dict[str, jax.Array], num_tokens: int) -> None:
+    self.steps.append(step)
+    self.metrics.append(metrics)
+    self.num_tokens += num_tokens
+
+  def check(self, checkpointer, loss_log) -> None:
+    """Reads back the unchecked steps' losses; raises NonFiniteLossError at the
+    first non-finite one, else appends them to the loss log."""
+    new_steps = self.steps[self._checked:]
+    if not new_steps:
+      return
+    values = jax.device_get([(m["loss"], m["grad_norm"]) for m in self.metrics[self._checked:]])
+    for step, (loss, grad_norm) in zip(new_steps, values):
+      for name, value in (("loss", float(loss)), ("gradient norm", float(grad_norm))):
+        if not math.isfinite(value):
+          checkpointer.wait()
+          raise NonFiniteLossError(
+              f"{name} is {value} at step {step}; stopping without saving (first non-finite "
+              f"step since step {new_steps[0] - 1}). The last good checkpoint (step "
+              f"{checkpointer.latest_step()}) in {checkpointer.directory} is intact: lower "
+              "the learning rate or check the data, then restart.")
+    if jax.process_index() == 0:
+      paths.append_lines(loss_log, [json.dumps({"step": step, "loss": float(loss)})
+                                    for step, (loss, _) in zip(new_steps, values)])
+    self._checked = len(self.steps)
+
+  def report_means(self) -> tuple[dict[str, float], float]:
+    """(mean of every metric over the window, tokens per step); empties it."""
+    values = jax.device_get(self.metrics)
+    means = {key: float(np.mean([np.asarray(v[key]) for v in values])) for key in values[0]}
+    tokens_per_step = self.num_tokens / len(self.steps)
+    self.__init__()
+    return means, tokens_per_step
+
+
+def train(experiment: Experiment, workdir: str) -> dict[str, Any]:
+  """Trains `experiment` in `workdir`; returns the scalars of the last report
+  (metrics averaged over its log window, step_time, tokens_per_second, mfu)."""
   # The input pipeline (TensorFlow, SeqIO) is imported only by runs that read
   # data: build() and restore_params() also serve benchmarks and evaluation.
   from mm1_jax.data import pipeline
-  train_step, model = build(config)
-  num_steps = config.train.num_steps
-  data_source = pipeline.make_input(config.data, model)
+  train_step, model = build(experiment)
+  settings = experiment.train
+  num_steps = settings.num_steps
+  data_source = pipeline.MultimodalInput(experiment.data, model)
   checkpointer = checkpoint_lib.Checkpointer(
-      workdir, save_every=config.train.checkpoint_every, keep=config.train.keep_checkpoints,
-      async_save=config.train.async_checkpoint)
-  state = _initial_state(train_step, config, checkpointer, data_source)
+      workdir, save_every=settings.checkpoint_every, keep=settings.keep_checkpoints,
+      async_save=settings.async_checkpoint)
+  state = _initial_state(train_step, experiment, checkpointer, data_source)
   # Only now: a workdir of another config must fail restore before anything is written.
-  write_config(config, workdir)
-  peak, peak_source = metrics_lib.device_peak_tflops(config.train.peak_tflops)
+  write_config(experiment, workdir)
+  peak, peak_source = metrics_lib.device_peak_tflops(settings.peak_tflops)
   say(f"{jax.process_count()} process(es), {jax.device_count()} devices, mesh "
       f"{dict(train_step.mesh.shape)}; MFU against {peak:.3f} TFLOP/s per device ({peak_source})")
-  data_config = InputConfig.from_dict(config.data)
   reporter = metrics_lib.Reporter(
       workdir, num_steps,
-      metrics_lib.flops_per_step(model, data_config.batch_size, data_config.seq_len,
-                                 frozen_connector="connector" in config.optimizer.freeze), peak,
-      write=jax.process_index() == 0)
-  loss_log = os.path.join(workdir, LOSS_LOG)
-  last_metrics: dict[str, Any] = {}
-  tokens_since_report = 0
-  with checkpoint_lib.PreemptionGuard() as guard:
-    for step in range(int(state["step"]), num_steps):
-      local_batch = next(data_source)
-      check_image_placeholders(local_batch["decoder_input_tokens"], local_batch["image_mask"],
-                               model.num_image_tokens, model.image_placeholder_id)
-      state, metrics = train_step.step(state, make_global_batch(local_batch, train_step.mesh))
-      done = step + 1
-      loss = float(metrics["loss"])
-      if not math.isfinite(loss):
-        checkpointer.wait()
-        raise NonFiniteLossError(
-            f"loss is {loss} at step {done}; stopping without saving. The last good "
-            f"checkpoint (step {checkpointer.latest_step()}) in {checkpointer.directory} is "
-            "intact: lower the learning rate or check the data, then restart.")
-      if jax.process_index() == 0:
-        with open(loss_log, "a") as f:
-          f.write(json.dumps({"step": done, "loss": loss}) + "\n")
-      tokens_since_report += count_tokens(local_batch) * jax.process_count()
-      if done % config.train.log_every == 0 or done == num_steps:
-        last_metrics = jax.device_get(metrics)
-        line = reporter.report(done, last_metrics, tokens_since_report / config.train.log_every,
-                               {"skipped_examples": data_source.num_skipped})
-        tokens_since_report = 0
-        say(line)
-      if "eval" in config and config.eval.every_steps and done % config.eval.every_steps == 0:
-        evaluate(config, workdir, done, state["params"], model, train_step.mesh, reporter.writer)
-      preempted = guard.requested
-      checkpointer.save(done, state, data_source, force=preempted or done == num_steps)
-      if preempted:
-        say(f"SIGTERM received: saved step {done}, exiting.")
-        break
+      accounting.flops_per_step(model, experiment.data.batch_size, experiment.data.seq_len,
+                                frozen_connector="connector" in experiment.optimizer.freeze),
+      peak, write=jax.process_index() == 0)
+  loss_log = paths.as_path(workdir) / LOSS_LOG
+
+  def prepare(local_batch):
+    """On the prefetch thread: host-side checks, then the transfer."""
+    check_image_placeholders(local_batch["decoder_input_tokens"], local_batch["image_mask"],
+                             model.num_image_tokens, model.image_placeholder_id)
+    return (make_global_batch(local_batch, train_step.mesh),
+            count_tokens(local_batch) * jax.process_count())
+
+  def is_checkpoint_step(step: int) -> bool:
+    return step % settings.checkpoint_every == 0 or step == num_steps
+
+  first_step = int(state["step"])
+  done = last_saved = first_step
+  window = _MetricsWindow()
+  with checkpoint_lib.PreemptionGuard() as guard, BatchPrefetcher(
+      data_source, prepare, first_step, num_steps, pauses_after=is_checkpoint_step,
+      depth=PREFETCH_DEPTH) as batches:
+    for batch in batches:
+      state, metrics = train_step.step(state, batch.arrays)
+      done = batch.step
+      window.add(done, metrics, batch.num_tokens)
+      log_step = done % settings.log_every == 0 or done == num_steps
+      if log_step or is_checkpoint_step(done):
+        window.check(checkpointer, loss_log)  # Never save a non-finite state.
+      if log_step:
+        means, tokens_per_step = window.report_means()
+        say(reporter.report(done, means, tokens_per_step,
+                            {"skipped_examples": data_source.num_skipped}))
+      if experiment.eval.every_steps and done % experiment.eval.every_steps == 0:
+        evaluate(experiment, workdir, done, state["params"], model, train_step.mesh,
+                 reporter.writer)
+      if is_checkpoint_step(done):
+        if checkpointer.save(done, state, data_source, force=done == num_steps):
+          last_saved = done
+        batches.resume()
+      if guard.requested and not batches.stopping:
+        # Train what was prefetched (the data position then matches), then save.
+        batches.stop()
+    if done > last_saved:  # Preempted, or the data ran out before num_steps.
+      window.check(checkpointer, loss_log)
+      checkpointer.save(done, state, data_source, force=True)
+  if guard.requested:
+    say(f"SIGTERM received: saved step {done}, exiting.")
+  elif batches.exhausted:
+    say(f"The input ({experiment.data.mixture}, num_epochs={experiment.data.num_epochs}) "
+        f"ran out after step {done} of {num_steps}; saved step {done}.")
   checkpointer.wait()
   checkpointer.close()
   reporter.flush()
-  return {k: float(np.asarray(v)) for k, v in last_metrics.items()}
+  say(f"Done at step {done}. Checkpoints: {checkpointer.directory}; metrics: {workdir} "
+      f"(TensorBoard events, {LOSS_LOG}); config: {paths.as_path(workdir) / CONFIG_FILE}")
+  return reporter.last_scalars

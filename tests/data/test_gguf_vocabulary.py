@@ -13,9 +13,9 @@ from configs import tiny
 from mm1_jax import config_lib
 from mm1_jax.conversion import packaged
 from mm1_jax.data import pipeline, tasks, tokenizer
+from mm1_jax.data.batch import check_image_placeholders
 from mm1_jax.data.config import InputConfig
 from mm1_jax.data.gguf_vocabulary import GgufBpeVocabulary
-from mm1_jax.models.multimodal import check_image_placeholders
 
 pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")

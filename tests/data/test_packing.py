@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mm1_jax.data import packing
-from mm1_jax.models.multimodal import check_image_placeholders
+from mm1_jax.data.batch import check_image_placeholders
 
 M = 4  # image tokens per image
 MARKER, START, END, EOS = 3, 4, 5, 1

@@ -9,7 +9,7 @@ import pytest
 from configs import tiny
 from mm1_jax import config_lib, sharding, testing
 from mm1_jax.evaluation import decoding
-from mm1_jax.models.config import ConfigError
+from mm1_jax.typed_config import ConfigError
 from mm1_jax.models.multimodal import MM1Model
 
 MAX_NEW = 8

@@ -9,11 +9,11 @@ import pytest
 from configs import tiny
 from mm1_jax import config_lib
 from mm1_jax.data import tasks, tokenizer
+from mm1_jax.data.batch import check_image_placeholders
 from mm1_jax.data.converter import MultimodalFeatureConverter
 from mm1_jax.data.sources import easy_vqa
 from mm1_jax.evaluation import fewshot, metrics
 from mm1_jax.evaluation.fewshot import FewShotEvaluationSet, TaskExample
-from mm1_jax.models.multimodal import check_image_placeholders
 
 # The tiny model with room for 8 demonstrations + the query.
 MODEL = dataclasses.replace(config_lib.mm1_config(tiny.get_config()), max_images=9)

@@ -7,9 +7,10 @@
 Restores the latest train state in W (written by a run of
 --num_data_processes processes) into this process's mesh, rebuilds the
 global batch that run trained on next (every writer's input pipeline
-restored from its own data_state/{step}/process_{i}, the rows concatenated
-in process order, as make_global_batch assembles them across hosts), runs
-TrainStep.step once and writes {"restored_step", "loss", ...} to --output.
+restored from its own entry, checkpoints/{step}/data/process_{i}-of-{n},
+the rows concatenated in process order, as make_global_batch assembles
+them across hosts), runs TrainStep.step once and writes
+{"restored_step", "loss", ...} to --output.
 
 The step is compiled and the pipelines built before W is read, and W may
 appear later (it is waited for, up to --wait_s): a caller can start this
@@ -48,11 +49,15 @@ def main(argv):
   from mm1_jax.training import trainer
   from mm1_jax.training.train_step import make_global_batch
 
-  config, workdir, writers = _CONFIG.value, _WORKDIR.value, _NUM_DATA_PROCESSES.value
+  from mm1_jax.experiment import Experiment
+
+  workdir, writers = _WORKDIR.value, _NUM_DATA_PROCESSES.value
+  config = Experiment.from_config(_CONFIG.value)
   assert jax.process_count() == 1
   train_step, model = trainer.build(config)
   step_fn = train_step.lower().compile()  # TrainStep.step, compiled ahead of time.
-  sources = [pipeline.make_input(config.data, model, process_index=index, process_count=writers)
+  sources = [pipeline.MultimodalInput(config.data, model, process_index=index,
+                                      process_count=writers)
              for index in range(writers)]
 
   deadline = time.time() + _WAIT_S.value
@@ -65,16 +70,15 @@ def main(argv):
                                              keep=config.train.keep_checkpoints, async_save=False)
   try:
     state = checkpointer.restore(train_step.abstract_state)  # Data positions: below.
+    if state is None:
+      raise FileNotFoundError(f"No checkpoint in {workdir}.")
+    step = int(state["step"])
+    rows = []
+    for index, source in enumerate(sources):
+      source.restore(os.fspath(checkpointer.data_position_path(step, index, writers)))
+      rows.append(next(source))
   finally:
     checkpointer.close()
-  if state is None:
-    raise FileNotFoundError(f"No checkpoint in {workdir}.")
-  step = int(state["step"])
-  rows = []
-  for index, source in enumerate(sources):
-    source.restore(os.path.join(workdir, checkpoint_lib.DATA_STATE_DIR, str(step),
-                                f"process_{index}"))
-    rows.append(next(source))
   batch = {key: np.concatenate([part[key] for part in rows]) for key in rows[0]}
   _, metrics = step_fn(state, make_global_batch(batch, train_step.mesh))
   result = {"restored_step": step, "loss": float(metrics["loss"]),

@@ -138,11 +138,11 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
   assert sorted(losses(workdir)) == [1, 2, 3]
   checkpointer = checkpoint_lib.Checkpointer(str(workdir), save_every=2, keep=3)
   assert checkpointer.all_steps() == [2, 3]
-  checkpointer.close()
-  for step in (2, 3):  # Every process wrote its own data position.
+  for step in (2, 3):  # Every process wrote its own data position, inside the step.
     for i in range(2):
-      assert (workdir / checkpoint_lib.DATA_STATE_DIR / str(step) / f"process_{i}" /
+      assert (checkpointer.data_position_path(step, process_index=i, process_count=2) /
               "counters.json").exists()
+  checkpointer.close()
 
   # While the job resumes, one process with 4 devices restores the same
   # step-3 checkpoint and computes step 4 from it (tests/launch/resume_on_one_process.py).

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mm1_jax import config_lib, sharding
-from mm1_jax.models.config import ConfigError
+from mm1_jax.typed_config import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,8 @@ import pytest
 
 from configs import bench_1b, mm1_3b, mm1_3b_moe, mm1_7b, mm1_7b_moe, mm1_30b, mm1_smol, tiny
 from mm1_jax import config_lib
-from mm1_jax.models.config import ConfigError, MM1Config
+from mm1_jax.models.config import MM1Config
+from mm1_jax.typed_config import ConfigError
 
 
 def model_dict(**changes):

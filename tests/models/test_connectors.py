@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from jax.sharding import PartitionSpec
 
 from mm1_jax.models import connectors
-from mm1_jax.models.config import ConfigError, ConnectorConfig
+from mm1_jax.models.config import ConnectorConfig
+from mm1_jax.typed_config import ConfigError
 from mm1_jax.sharding import LOGICAL_AXIS_RULES, make_mesh, params_shardings, use_mesh
 
 DV, HIDDEN, OUT = 32, 48, 40

@@ -10,10 +10,10 @@ import pytest
 
 from configs import tiny
 from mm1_jax import config_lib, testing
+from mm1_jax.data.batch import PlaceholderMismatchError, check_image_placeholders
 from mm1_jax.models.connectors import build_connector
 from mm1_jax.models.decoder import Decoder
-from mm1_jax.models.multimodal import (MM1Model, PlaceholderMismatchError,
-                                       check_image_placeholders, splice_image_embeddings)
+from mm1_jax.models.multimodal import MM1Model, splice_image_embeddings
 from mm1_jax.models.vit import VisionTransformer, normalize_images
 
 CONFIG = config_lib.mm1_config(tiny.get_config("dense"))

@@ -1,6 +1,7 @@
-"""Checkpointing: round trip into the same and another mesh, pruning with the
-data positions, async saves, partial (killed) saves ignored, config mismatch
-refused without touching the workdir, params-only loading, SIGTERM guard."""
+"""Checkpointing: round trip into the same and another mesh, data positions
+committed and pruned with their step, async saves, partial (killed) saves
+ignored, config mismatch refused without touching the workdir, params-only
+loading, SIGTERM guard."""
 
 import json
 import os
@@ -29,11 +30,13 @@ class FakeSource:
   def __init__(self, position=0):
     self.position = position
     self.restored_from = None
+    self.saved_to = None
 
   def save(self, directory):
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "position.json"), "w") as f:
       json.dump({"position": self.position}, f)
+    self.saved_to = directory
 
   def restore(self, directory):
     with open(os.path.join(directory, "position.json")) as f:
@@ -122,7 +125,8 @@ def test_round_trip_restores_values_shardings_and_data_position(tmp_path, mesh):
     restored = checkpointer.restore(abstract_of(state), source)
   assert_trees_equal(restored, state)
   assert source.position == 40
-  assert source.restored_from.endswith(os.path.join("data_state", "4", "process_0"))
+  assert source.restored_from == os.path.join(tmp_path, "checkpoints", "4", "data",
+                                             "process_0-of-1")
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract_of(state))):
     assert got.sharding == want.sharding
   assert jax.dtypes.issubdtype(restored["rng"].dtype, jax.dtypes.prng_key)
@@ -138,7 +142,7 @@ def test_round_trip_restores_values_shardings_and_data_position(tmp_path, mesh):
   assert kernel.addressable_shards[0].data.shape == (2, 4, 1)  # Split 8 ways on 'data'.
 
 
-def test_keep_prunes_old_steps_and_their_data_positions(tmp_path, mesh):
+def test_keep_prunes_old_steps_with_their_data_positions(tmp_path, mesh):
   state = make_state(mesh)
   source = FakeSource()
   with ckpt.Checkpointer(str(tmp_path), save_every=2, keep=2) as checkpointer:
@@ -147,28 +151,60 @@ def test_keep_prunes_old_steps_and_their_data_positions(tmp_path, mesh):
       source.position = step
       if checkpointer.save(step, state, source):
         saved.append(step)
+      if step == 6:  # Steps 2 and 4 are pruned by now, positions included.
+        checkpointer.wait()
+        assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "6"]
     assert saved == [2, 4, 6, 8]
+    source.position = 9
     assert checkpointer.save(9, state, source, force=True)  # E.g. on SIGTERM.
     assert not checkpointer.save(9, state, source, force=True)  # Already saved.
     checkpointer.wait()
     assert checkpointer.all_steps() == [8, 9]
+  # Nothing outside Orbax's step directories: pruning a step removes it all.
+  assert os.listdir(tmp_path) == ["checkpoints"]
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["8", "9"]
-  assert sorted(os.listdir(tmp_path / "data_state")) == ["8", "9"]
-  assert os.listdir(tmp_path / "data_state" / "9") == ["process_0"]
-  with open(tmp_path / "data_state" / "8" / "process_0" / "position.json") as f:
-    assert json.load(f) == {"position": 8}
+  for step in (8, 9):
+    step_dir = tmp_path / "checkpoints" / str(step)
+    assert {"default", "data"} <= set(os.listdir(step_dir))
+    assert [name for name in os.listdir(step_dir / "data")
+            if name.startswith("process_")] == ["process_0-of-1"]
+    with open(step_dir / "data" / "process_0-of-1" / "position.json") as f:
+      assert json.load(f) == {"position": step}
 
 
-def test_async_save_writes_data_position_first_then_wait_commits(tmp_path, mesh):
+def test_async_save_writes_the_data_position_before_returning(tmp_path, mesh):
   state = make_state(mesh, step=2)
   checkpointer = ckpt.Checkpointer(str(tmp_path), save_every=1, keep=2, async_save=True)
-  assert checkpointer.save(2, state, FakeSource(position=7))
-  # Written synchronously, before the (background) Orbax save started.
-  assert (tmp_path / "data_state" / "2" / "process_0" / "position.json").exists()
+  source = FakeSource(position=7)
+  assert checkpointer.save(2, state, source)
+  # Written into the step's temporary directory, committed with the state.
+  assert ".orbax-checkpoint-tmp" in source.saved_to
+  source.position = 8  # Training moves on while the arrays are written.
   checkpointer.wait()
   assert checkpointer.latest_step() == 2
-  assert (tmp_path / "checkpoints" / "2" / "commit_success.txt").exists()
+  restored = FakeSource()
+  checkpointer.restore(abstract_of(state), restored)
+  assert restored.position == 7
   checkpointer.close()
+
+
+def test_restore_without_a_data_position_of_this_process_is_refused(tmp_path, mesh):
+  state = make_state(mesh, step=2)
+  with ckpt.Checkpointer(str(tmp_path), save_every=1, keep=2) as checkpointer:
+    checkpointer.save(2, state)  # Params-only use: no data source.
+    with pytest.raises(FileNotFoundError, match="saved without a data source"):
+      checkpointer.restore(abstract_of(state), FakeSource())
+    assert int(checkpointer.restore(abstract_of(state))["step"]) == 2
+    checkpointer.save(3, state, FakeSource(position=3))
+  # As if written by two processes: another process count finds no entry.
+  data_dir = tmp_path / "checkpoints" / "3" / "data"
+  os.rename(data_dir / "process_0-of-1", data_dir / "process_0-of-2")
+  source = FakeSource(position=-1)
+  with ckpt.Checkpointer(str(tmp_path), save_every=1, keep=2) as checkpointer:
+    with pytest.raises(FileNotFoundError, match="process_0-of-2: the checkpoint was written "
+                       "by a different number of processes"):
+      checkpointer.restore(abstract_of(state), source)
+  assert source.position == -1 and source.restored_from is None
 
 
 def test_latest_step_ignores_partial_checkpoints(tmp_path, mesh):
@@ -176,59 +212,83 @@ def test_latest_step_ignores_partial_checkpoints(tmp_path, mesh):
   with ckpt.Checkpointer(str(tmp_path), save_every=1, keep=5) as checkpointer:
     checkpointer.save(2, state, FakeSource(position=2))
   # A save of step 3 that never committed: Orbax's uncommitted temporary
-  # directory (here a full copy, so only its name marks it) + its data position.
-  shutil.copytree(tmp_path / "checkpoints" / "2",
-                  tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1234")
-  os.remove(tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1234" / "commit_success.txt")
-  FakeSource(position=3).save(str(tmp_path / "data_state" / "3" / "process_0"))
+  # directory (here a full copy, so only its name marks it), data item included.
+  partial = tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1234"
+  shutil.copytree(tmp_path / "checkpoints" / "2", partial)
+  os.remove(partial / "commit_success.txt")
+  FakeSource(position=3).save(str(partial / "data" / "process_0-of-1"))
   source = FakeSource()
   with ckpt.Checkpointer(str(tmp_path), save_every=1, keep=5) as checkpointer:
     assert checkpointer.latest_step() == 2
     restored = checkpointer.restore(abstract_of(state), source)
     assert int(restored["step"]) == 2 and source.position == 2
-    # Saving step 3 again replaces the stale data position.
+    # Saving step 3 again writes a fresh step, not the stale data position.
     assert checkpointer.save(3, state, FakeSource(position=33))
-  with open(tmp_path / "data_state" / "3" / "process_0" / "position.json") as f:
+  with open(tmp_path / "checkpoints" / "3" / "data" / "process_0-of-1" / "position.json") as f:
     assert json.load(f) == {"position": 33}
 
 
 KILLED_SAVE_SCRIPT = textwrap.dedent("""
-    import os, sys
+    import json, os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax.numpy as jnp
     from orbax.checkpoint._src.path import atomicity
     from mm1_jax.training import checkpoint as ckpt
 
-    workdir = sys.argv[1]
+    class Source:
+      def __init__(self, position, die=False):
+        self.position, self.die = position, die
+
+      def save(self, directory):
+        os.makedirs(directory)
+        with open(os.path.join(directory, "position.json"), "w") as f:
+          f.write(json.dumps({"position": self.position}))
+        if self.die:  # The process dies while writing the data position.
+          os._exit(17)
+
+    workdir, moment = sys.argv[1:]
     checkpointer = ckpt.Checkpointer(workdir, save_every=1, keep=5)
-    checkpointer.save(1, {"w": jnp.ones((4, 4))})
+    checkpointer.save(1, {"w": jnp.ones((4, 4))}, Source(1))
     checkpointer.wait()
 
     async def die(self):  # The process dies when the save would commit.
       os._exit(17)
 
-    atomicity.AtomicRenameTemporaryPath.finalize = die
-    checkpointer.save(2, {"w": jnp.full((4, 4), 2.0)})
+    if moment == "commit":
+      atomicity.AtomicRenameTemporaryPath.finalize = die
+    checkpointer.save(2, {"w": jnp.full((4, 4), 2.0)}, Source(2, die=moment == "data"))
     checkpointer.wait()
     os._exit(0)
 """)
 
 
-def test_process_killed_mid_save_leaves_an_ignored_partial_checkpoint(tmp_path):
+@pytest.mark.parametrize("moment", ["data", "commit"])
+def test_process_killed_mid_save_commits_neither_state_nor_data_position(tmp_path, moment):
+  """Killed while writing the data position, or with both items written but
+  not committed: step 2 exists for no reader, state and position alike."""
   env = dict(os.environ, PYTHONPATH=REPO_ROOT)
-  result = subprocess.run([sys.executable, "-c", KILLED_SAVE_SCRIPT, str(tmp_path)],
+  result = subprocess.run([sys.executable, "-c", KILLED_SAVE_SCRIPT, str(tmp_path), moment],
                           env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 17, result.stderr[-2000:]
   names = os.listdir(tmp_path / "checkpoints")
   assert "1" in names and "2" not in names
-  assert any(name.startswith("2.orbax-checkpoint-tmp") for name in names), names
+  partial = [name for name in names if name.startswith("2.orbax-checkpoint-tmp")]
+  assert len(partial) == 1, names
+  # The position of step 2 was written, into the uncommitted directory only.
+  written = [os.path.join(root, "position.json")
+             for root, _, files in os.walk(tmp_path / "checkpoints" / partial[0])
+             if "position.json" in files]
+  assert len(written) == 1 and os.path.basename(os.path.dirname(written[0])) == "process_0-of-1"
+  assert os.listdir(tmp_path) == ["checkpoints"]
   checkpointer = ckpt.Checkpointer(str(tmp_path), save_every=1, keep=5)
   assert checkpointer.latest_step() == 1
   abstract = {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32,
                                         sharding=jax.sharding.SingleDeviceSharding(
                                             jax.devices()[0]))}
-  np.testing.assert_array_equal(checkpointer.restore(abstract)["w"], np.ones((4, 4)))
+  source = FakeSource()
+  np.testing.assert_array_equal(checkpointer.restore(abstract, source)["w"], np.ones((4, 4)))
+  assert source.position == 1
   checkpointer.close()
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from configs import mm1_3b, mm1_7b, mm1_30b, tiny
-from mm1_jax import config_lib, summary
-from mm1_jax.models.config import ConfigError
+from mm1_jax import config_lib
+from mm1_jax.models import accounting
+from mm1_jax.typed_config import ConfigError
 from mm1_jax.training import optimizer as opt
 
 
@@ -48,13 +49,13 @@ def test_lr_law_formula_and_schedule_peak():
 
 @pytest.mark.parametrize("module, paper_lr", [(mm1_3b, 6e-5), (mm1_7b, 4e-5), (mm1_30b, 2e-5)])
 def test_lr_law_gives_the_papers_rates(module, paper_lr):
-  counts = summary.count_params(config_lib.mm1_config(module.get_config()))
+  counts = accounting.count_params(config_lib.mm1_config(module.get_config()))
   assert opt.mm1_lr_law(counts.non_embedding_llm) == pytest.approx(paper_lr, rel=0.25)
 
 
 @pytest.fixture(scope="module")
 def tiny_params():
-  return summary.abstract_params(config_lib.mm1_config(tiny.get_config()))
+  return accounting.abstract_params(config_lib.mm1_config(tiny.get_config()))
 
 
 def _mask_by_path(params, **kw):

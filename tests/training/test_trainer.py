@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from mm1_jax.experiment import Experiment
 from mm1_jax.training import checkpoint as checkpoint_lib
 from mm1_jax.training import trainer
 
@@ -37,7 +38,8 @@ def test_losses_do_not_depend_on_the_mesh(tmp_path):
   runs = {}
   for name, mesh in {"fsdp8": dict(fsdp=8),
                      "data2_tensor2_expert2": dict(data=2, tensor=2, expert=2)}.items():
-    trainer.train(tiny_config(num_steps=2, checkpoint_every=100, **mesh), str(tmp_path / name))
+    trainer.train(Experiment.from_config(tiny_config(num_steps=2, checkpoint_every=100, **mesh)),
+                  str(tmp_path / name))
     runs[name] = losses(tmp_path / name)
   reference = runs.pop("fsdp8")
   assert len(reference) == 2 and reference[1] != reference[2]
@@ -49,13 +51,13 @@ def test_losses_do_not_depend_on_the_mesh(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   config = tiny_config(num_steps=20)
   config.optimizer.update(learning_rate=1e12, grad_clip_norm=0.0)
-  with pytest.raises(trainer.NonFiniteLossError, match=r"loss is (nan|inf) at step (\d+); "
-                                                        r"stopping without saving") as error:
-    trainer.train(config, str(tmp_path))
+  with pytest.raises(trainer.NonFiniteLossError, match=r"(loss|gradient norm) is (nan|inf) at step "
+                                                        r"(\d+); stopping without saving") as error:
+    trainer.train(Experiment.from_config(config), str(tmp_path))
   bad_step = int(error.value.args[0].split("at step ")[1].split(";")[0])
   checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), save_every=1, keep=2)
   assert checkpointer.latest_step() == bad_step - 1
-  train_step, _ = trainer.build(config)
+  train_step, _ = trainer.build(Experiment.from_config(config))
   state = checkpointer.restore(train_step.abstract_state)
   assert int(state["step"]) == bad_step - 1
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
@@ -67,7 +69,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   with pytest.raises(checkpoint_lib.CheckpointMismatchError,
                      match=r"params/llm/blocks/layer_0/mlp/gate/kernel: checkpoint \(2, 128, 256\) "
                            r"vs config \(2, 128, 384\)"):
-    trainer.train(other, str(tmp_path))
+    trainer.train(Experiment.from_config(other), str(tmp_path))
   assert sorted((p, p.stat().st_mtime) for p in tmp_path.rglob("*")) == listing
 
 
@@ -88,7 +90,8 @@ def test_gradient_accumulation_equals_the_full_batch_step():
   # Plain SGD with lr 1: the parameter change is exactly the gradient (Adam's
   # first step is ~lr * sign(g), which rounding flips for near-zero gradients).
   optimizer, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
-  source = pipeline.make_input(config.data, model, process_index=0, process_count=1)
+  source = pipeline.MultimodalInput(Experiment.from_config(config).data, model, process_index=0,
+                                    process_count=1)
   batch = next(source)
   results = []
   for accumulation in (1, 2):
