@@ -35,6 +35,7 @@ def get_config(arg=None):
                    mlp_dim=8192, rope_theta=10_000.0, remat_policy="none")
   config.data.update(mixture="mm1_pretrain", batch_size=8, seq_len=4096, pack=True)
   config.mesh.update(data=-1, fsdp=1)
+  config.optimizer.update(warmup_steps=100)  # Benchmarks run tens of steps, not 2000.
   if arg.gpu:
     model.encoder.attention_implementation = "cudnn"
     model.llm.update(attention_implementation="cudnn", remat_policy="dots")

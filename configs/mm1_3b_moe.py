@@ -12,5 +12,5 @@ def get_config(arg=None):
   config.model.llm.moe.update(num_experts=64, num_experts_per_token=2, moe_every=2,
                               dispatch="dropless", balance_loss_weight=0.01,
                               router_z_loss_weight=0.001)
-  config.mesh.update(data=-1, expert=1)
+  # The 3B's mesh (fsdp x tensor=2): experts are split like every other weight.
   return config

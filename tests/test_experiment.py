@@ -1,6 +1,7 @@
 """The typed Experiment: every field validated before anything is built."""
 
 import dataclasses
+import importlib
 import re
 import typing
 
@@ -90,11 +91,26 @@ def test_every_numeric_field_has_an_invalid_value_named_in_the_error(path):
   assert str(INVALID[path]) in str(error.value)  # The bad value, too.
 
 
-def test_the_bundled_configs_are_valid():
+def test_the_tiny_config_parses_into_typed_sections():
   experiment = build(tiny.get_config())
   assert experiment.train.num_steps == 300 and experiment.mesh.sizes()["data"] == -1
   assert experiment.model.llm.moe.num_experts == 8
+  assert experiment.optimizer.learning_rate == 1e-3 and experiment.eval.shots == (0, 4, 8)
   assert '"num_steps": 300' in experiment.config_json
+
+
+@pytest.mark.parametrize("name, arg, num_devices", [
+    ("tiny", None, 1), ("tiny", "dense", 8), ("bench_100m", None, 1), ("bench_1b", "gpu", 8),
+    ("mm1_3b", None, 256), ("mm1_7b", None, 256), ("mm1_30b", None, 256),
+    ("mm1_3b_moe", None, 256), ("mm1_7b_moe", None, 256), ("mm1_smol", "stage=1,cpu", 1),
+    ("mm1_smol", "stage=3", 8)])
+def test_the_bundled_configs_are_valid(name, arg, num_devices, tmp_path, monkeypatch):
+  module = importlib.import_module(f"configs.{name}")
+  monkeypatch.chdir(tmp_path)  # mm1_smol starts from checkpoints / workdirs made first.
+  for path in (module.get_config(arg).init_from or "").split(","):
+    if path:
+      (tmp_path / path).mkdir(parents=True)
+  build(module.get_config(arg), num_devices=num_devices)
 
 
 @pytest.mark.parametrize("path, value, message", [
