@@ -2,21 +2,31 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-INSTALLED := $(VENV)/.installed
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# The runtime environment (train, evaluate, generate, convert), and the test-only
+# packages on top (torch CPU, transformers, onnxruntime, pytest, ...).
+RUNTIME := $(VENV)/.installed-runtime
+DEV := $(VENV)/.installed-dev
 
-.PHONY: setup test train summary bench pretrained clean
+.PHONY: setup setup-dev test train summary bench pretrained clean
 
-setup: $(INSTALLED)
+setup: $(RUNTIME)
+setup-dev: $(DEV)
 
-# Re-installs whenever a requirements file changes.
-$(INSTALLED): requirements.txt requirements-dev.txt requirements-nodeps.txt
+# Each re-installs whenever its requirements files change.
+$(RUNTIME): requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+	$(PIP) -r requirements.txt
+	$(PIP) --no-deps -r requirements-nodeps.txt
+	touch $@
+
+$(DEV): $(RUNTIME) requirements-dev.txt requirements-dev-nodeps.txt
+	$(PIP) -r requirements.txt -r requirements-dev.txt
+	$(PIP) --no-deps -r requirements-dev-nodeps.txt
 	touch $@
 
 # Two workers, whole files per worker (module fixtures stay shared).
-test: setup
+test: setup-dev
 	$(PY) -m mm1_jax.data.sources
 	$(PY) -m pytest -n 2 --dist loadfile --durations=15
 

@@ -79,6 +79,16 @@ def tail(path: str, chars: int = 2000) -> str:
     return f.read().decode(errors="replace")
 
 
+def describe_exit(code: int) -> str:
+  """'exit 3', or 'killed by SIGKILL' for a process a signal ended (code -9)."""
+  if code < 0:
+    try:
+      return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+      return f"killed by signal {-code}"
+  return f"exit {code}"
+
+
 def wait_all(processes: list[subprocess.Popen], logs: list[str]) -> int:
   """Waits for every process; on the first failure kills the others.
   Returns 0, or the exit code of the first process that failed."""
@@ -92,7 +102,7 @@ def wait_all(processes: list[subprocess.Popen], logs: list[str]) -> int:
           process.kill()  # Its peers would wait for it in collectives forever.
       for process in processes:
         process.wait()
-      print(f"process {first} failed (exit {codes[first]}); stopped the others. The end of "
+      print(f"process {first} failed ({describe_exit(codes[first])}); stopped the others. The end of "
             f"{logs[first]}:\n{tail(logs[first])}", file=sys.stderr, flush=True)
       return codes[first] if codes[first] > 0 else 1
     if all(code == 0 for code in codes):

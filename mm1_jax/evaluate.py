@@ -3,7 +3,7 @@
     python -m mm1_jax.evaluate --config=configs/tiny.py --workdir=workdirs/tiny \
         [--shots=0,4,8] [--tasks=easy_vqa_vqa,easy_vqa_caption] [--max_queries=500] \
         [--untrained] [--output=PATH] [--batch_size=16 --seed=0 --import=my_project.tasks] \
-        [--num_examples=3]
+        [--num_examples=3] [--split=validation]
 
 Use the config (and overrides) the run was trained with: a checkpoint of
 another config is refused with the same message as training. --untrained
@@ -11,7 +11,9 @@ evaluates the parameters training starts from (config.train.seed) instead,
 the untrained baseline; nothing needs to be in the workdir then.
 
 Defaults come from config.eval (tasks, shots, max_queries, batch_size,
-seed); --max_queries=0 evaluates whole eval splits. Every VQA task also
+seed); --max_queries=0 evaluates whole eval splits. --split names the split
+queries come from (default: each task's "test", else its "validation");
+demonstrations always come from "train". Every VQA task also
 gets the question-only prior (the most frequent train answer of each
 question string, no image) as setting "question_prior".
 
@@ -59,23 +61,28 @@ def define_flags() -> None:
                     "(config.train.seed) instead of the latest checkpoint.")
   flags.DEFINE_string("output", None, "JSON report path (default: "
                       "{workdir}/eval/step_{step}.json).")
+  flags.DEFINE_string("split", None, "Split the queries come from, e.g. validation "
+                      "(default: each task's 'test', else its 'validation'); demonstrations "
+                      "come from 'train'.")
   flags.DEFINE_list("import", [], "Modules to import first, e.g. ones that register "
                     "SeqIO tasks of your own.")
 
 
 def settings(experiment, tasks=None, shots=None, max_queries=None, batch_size=None, seed=None,
-             num_examples=None) -> dict:
-  """The evaluation settings: the flags given, else experiment.eval's values."""
+             num_examples=None, split=None) -> dict:
+  """The evaluation settings: the flags given, else experiment.eval's values
+  (split: None, each task's default evaluation split)."""
   from mm1_jax.experiment import validate_eval
 
   given = dict(tasks=tasks, shots=shots, max_queries=max_queries, batch_size=batch_size,
-               seed=seed)
+               seed=seed, split=split)
   chosen = dataclasses.replace(experiment.eval, **{
       k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None})
   validate_eval(chosen)
   return {"tasks": list(chosen.tasks), "shots": list(chosen.shots),
           "max_queries": chosen.max_queries or None, "batch_size": chosen.batch_size,
-          "seed": chosen.seed, "num_examples": num_examples}  # None: the evaluator's default.
+          "seed": chosen.seed, "num_examples": num_examples,  # None: the evaluator's default.
+          "split": chosen.split}  # None: each task's default.
 
 
 def untrained_params(experiment):
@@ -105,8 +112,13 @@ def run(experiment, workdir: str, *, untrained: bool = False, output: str | None
   chosen = settings(experiment, **overrides)
   data_config = experiment.data
   vocabulary_path = data_config.vocabulary
-  # A bad task or shot count fails before the checkpoint is read.
-  evaluator.check_tasks(chosen["tasks"], chosen["shots"], vocabulary_path=vocabulary_path)
+  # A bad task, split or shot count fails before the checkpoint is read.
+  split = chosen["split"]
+  evaluator.check_tasks(chosen["tasks"], chosen["shots"], eval_split=split,
+                        vocabulary_path=vocabulary_path)
+  # The split each task is evaluated on, for the report.
+  chosen["eval_splits"] = {task: split or fewshot.default_eval_split(task, vocabulary_path)
+                           for task in chosen["tasks"]}
   if untrained:
     params, model_config, mesh = untrained_params(experiment)
     step = 0
@@ -115,7 +127,7 @@ def run(experiment, workdir: str, *, untrained: bool = False, output: str | None
   start = time.perf_counter()
   results = evaluator.evaluate(
       params, model_config, chosen["tasks"], chosen["shots"], max_queries=chosen["max_queries"],
-      batch_size=chosen["batch_size"], seed=chosen["seed"], mesh=mesh,
+      batch_size=chosen["batch_size"], seed=chosen["seed"], mesh=mesh, eval_split=split,
       image_policy=data_config.image_policy, image_start_end=data_config.image_start_end,
       vocabulary_path=vocabulary_path, log=print,
       num_examples=(evaluator.NUM_EXAMPLES if chosen["num_examples"] is None
@@ -123,7 +135,8 @@ def run(experiment, workdir: str, *, untrained: bool = False, output: str | None
   for task in chosen["tasks"]:
     first = next(iter(results[task].values()))
     if "vqa_accuracy" in first:  # A VQA task: add the blind baseline.
-      prior = fewshot.question_prior_baseline(task, max_queries=chosen["max_queries"],
+      prior = fewshot.question_prior_baseline(task, eval_split=split,
+                                              max_queries=chosen["max_queries"],
                                               vocabulary_path=vocabulary_path)
       results[task]["question_prior"] = {**prior, "num_queries": first["num_queries"]}
   report = {"workdir": os.fspath(paths.as_path(workdir)), "step": step, "untrained": untrained,
@@ -156,10 +169,12 @@ def main(argv):
   experiment = Experiment.from_config(FLAGS.config)
   run(experiment, FLAGS.workdir, untrained=FLAGS.untrained, output=FLAGS.output,
       tasks=FLAGS.tasks, shots=shots, max_queries=FLAGS.max_queries,
-      batch_size=FLAGS.batch_size, seed=FLAGS.seed, num_examples=FLAGS.num_examples)
+      batch_size=FLAGS.batch_size, seed=FLAGS.seed, num_examples=FLAGS.num_examples,
+      split=FLAGS.split)
 
 
 if __name__ == "__main__":
   define_flags()
-  # ValueError: unknown tasks, and shot counts a task cannot take (evaluator.check_tasks).
+  # ValueError: unknown tasks or splits, and shot counts a task cannot take
+  # (evaluator.check_tasks).
   cli.run(main, required=["config", "workdir"], extra_errors=(ValueError,))

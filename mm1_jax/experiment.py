@@ -42,6 +42,8 @@ class TrainConfig:
   z_loss_weight: float = 0.0  # Logit z-loss (PaLM); the MoE router z-loss is in model.llm.moe.
   # Per-device peak TFLOP/s for MFU; None: the device table, or a measured CPU matmul.
   peak_tflops: float | None = None
+  # Resume from this committed step instead of the latest (later ones are deleted).
+  restore_step: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,8 @@ class EvalConfig:
   max_queries: int = 100
   batch_size: int = 16
   seed: int = 0
+  # The split queries come from; None: each task's "test", else "validation".
+  split: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +145,7 @@ class Experiment:
 
 def validate_train(c: TrainConfig) -> None:
   require_at_least(c, "train", num_steps=1, log_every=1, checkpoint_every=1,
-                   keep_checkpoints=1, seed=0, z_loss_weight=0.0)
+                   keep_checkpoints=1, seed=0, z_loss_weight=0.0, restore_step=0)
   if c.peak_tflops is not None and not c.peak_tflops > 0:
     raise ConfigError(f"train.peak_tflops: must be > 0 TFLOP/s (or unset: measured), got "
                       f"{c.peak_tflops}.")
@@ -152,6 +156,9 @@ def validate_eval(c: EvalConfig) -> None:
   bad_shots = [k for k in c.shots if not isinstance(k, int) or k < 0]
   if bad_shots or not c.shots:
     raise ConfigError(f"eval.shots: need one or more shot counts >= 0, got {c.shots!r}.")
+  if c.split is not None and not c.split.strip():
+    raise ConfigError("eval.split: empty; name a split, e.g. 'validation', or unset it "
+                      "(each task's test split, else its validation split).")
   if c.every_steps and not c.tasks:
     raise ConfigError(f"eval.tasks: empty, but eval.every_steps={c.every_steps} asks for "
                       "evaluation; name the tasks or set every_steps=0.")

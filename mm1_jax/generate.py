@@ -83,10 +83,11 @@ def read_images(paths: Sequence[str], model_config, data_config) -> np.ndarray:
     encoded = file.read_bytes()
     try:
       image = image_ops.decode_and_resize(tf.constant([encoded]), size, data_config.image_policy,
-                                          pad_color=model_config.encoder.image_mean)
+                                          pad_color=model_config.encoder.image_mean,
+                                          background=data_config.image_background)
     except tf.errors.OpError as error:
-      raise GenerateInputError(f"cannot decode image {path} (PNG, JPEG, BMP or GIF expected): "
-                               f"{error.message.splitlines()[0]}") from None
+      raise GenerateInputError(f"cannot decode image {path} (PNG, JPEG, GIF, BMP or WebP "
+                               f"expected): {error.message.splitlines()[0]}") from None
     decoded.append(image.numpy()[0])
   return np.stack(decoded) if decoded else np.zeros((0, size, size, 3), np.uint8)
 

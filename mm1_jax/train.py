@@ -99,5 +99,14 @@ def main(argv):
   trainer.train(experiment, _WORKDIR.value)
 
 
+def _training_errors() -> tuple[type[BaseException], ...]:
+  """The trainer's own stops, and file-system errors (a read-only or full
+  workdir, CheckpointSaveError among them), reported as one line like config
+  errors; --verbose adds the traceback."""
+  from mm1_jax.data.health import DataHealthError
+  from mm1_jax.training.trainer import NonFiniteLossError
+  return (NonFiniteLossError, DataHealthError, OSError)
+
+
 if __name__ == "__main__":
-  cli.run(main, required=["config", "workdir"])
+  cli.run(main, required=["config", "workdir"], extra_errors=_training_errors())

@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import seqio
 import tensorflow as tf
 
 from configs import tiny
@@ -62,7 +63,9 @@ def test_cli_writes_the_report_tensorboard_scalars_and_a_table(workdir):
   assert report["step"] == 7 and not report["untrained"]
   assert report["settings"] == {"tasks": ["easy_vqa_vqa", "easy_vqa_caption"], "shots": [0],
                                 "max_queries": 2, "batch_size": 2, "seed": 0,
-                                "num_examples": 1}
+                                "num_examples": 1, "split": None,  # Each task's default:
+                                "eval_splits": {"easy_vqa_vqa": "test",
+                                                "easy_vqa_caption": "test"}}
   vqa, captions = report["results"]["easy_vqa_vqa"], report["results"]["easy_vqa_caption"]
   assert set(vqa) == {"0shot", "question_prior"} and set(captions) == {"0shot"}
   assert vqa["0shot"]["num_queries"] == 2 and 0 <= vqa["0shot"]["vqa_accuracy"] <= 1
@@ -92,9 +95,40 @@ def test_unknown_tasks_and_impossible_shots_are_named_before_restoring(tmp_path)
     evaluate.run(tiny_config(), fresh, tasks=["easy_vqa_vqq"], shots=[0])
   with pytest.raises(ValueError, match=r"task 'easy_vqa_caption': 4001-shot prompts need 4001"):
     evaluate.run(tiny_config(), fresh, tasks=["easy_vqa_caption"], shots=[0, 4001])
+  with pytest.raises(ValueError, match=r"task 'easy_vqa_caption' has no split 'validation'; "
+                                      r"it has \['train', 'test'\]"):
+    evaluate.run(tiny_config(), fresh, tasks=["easy_vqa_caption"], shots=[0], split="validation")
+  with pytest.raises(ValueError, match="eval.split: empty"):
+    evaluate.run(tiny_config(), fresh, tasks=["easy_vqa_caption"], shots=[0], split=" ")
   with pytest.raises(FileNotFoundError, match="no checkpoints in"):
     evaluate.run(tiny_config(), fresh, tasks=["easy_vqa_caption"], shots=[0])
   assert not os.path.exists(fresh)
+
+
+def test_a_user_task_without_test_or_validation_split_needs_split(tmp_path):
+  """Records from write_records with only a train split: --split names it."""
+  from PIL import Image
+
+  from mm1_jax.data import user_tasks, write_records
+
+  for i, color in enumerate(("red", "blue")):
+    Image.new("RGB", (16, 16), color).save(tmp_path / f"{i}.png")
+    (tmp_path / f"{i}.txt").write_text(f"a {color} square.")
+  report = write_records.write_records(str(tmp_path), str(tmp_path / "records" / "caps"),
+                                       log=lambda _: None)
+  user_tasks.register_image_text_task("eval_train_only",
+                                      {"train": report["splits"]["train"]["pattern"]})
+  fresh = str(tmp_path / "fresh")
+  try:
+    with pytest.raises(ValueError, match=r"task 'eval_train_only' has splits \['train'\], none "
+                                          r"of \['test', 'validation'\]; name the evaluation "
+                                          r"split \(python -m mm1_jax.evaluate --split=NAME\)"):
+      evaluate.run(tiny_config(), fresh, tasks=["eval_train_only"], shots=[0])
+    # With the split named, the checks pass and only the checkpoint is missing.
+    with pytest.raises(FileNotFoundError, match="no checkpoints in"):
+      evaluate.run(tiny_config(), fresh, tasks=["eval_train_only"], shots=[0, 1], split="train")
+  finally:
+    seqio.TaskRegistry.remove("eval_train_only")
 
 
 def test_untrained_baseline(tmp_path, monkeypatch):
@@ -105,15 +139,19 @@ def test_untrained_baseline(tmp_path, monkeypatch):
   seen = {}
 
   def fake_evaluate(params, model_config, tasks, shots, **kwargs):
-    seen["params"] = params
+    seen["params"], seen["eval_split"] = params, kwargs["eval_split"]
     return {"easy_vqa_caption": {"0shot": {"cider": 0.0, "bleu4": 0.0, "num_queries": 2,
                                            "examples": []}}}
 
   monkeypatch.setattr(evaluator, "evaluate", fake_evaluate)
   output = str(tmp_path / "untrained.json")
   report = evaluate.run(config, str(tmp_path), untrained=True, output=output,
-                        tasks=["easy_vqa_caption"], shots=[0], max_queries=2, batch_size=2)
+                        tasks=["easy_vqa_caption"], shots=[0], max_queries=2, batch_size=2,
+                        split="train")  # A named split, threaded through and recorded.
   assert report["step"] == 0 and report["untrained"]
+  assert seen["eval_split"] == "train"
+  assert (report["settings"]["split"], report["settings"]["eval_splits"]) == (
+      "train", {"easy_vqa_caption": "train"})
   abstract = train_step.abstract_state["params"]
   assert jax.tree.structure(seen["params"]) == jax.tree.structure(abstract)
   assert all(p.shape == a.shape for p, a in zip(jax.tree.leaves(seen["params"]),

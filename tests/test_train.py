@@ -63,7 +63,8 @@ def test_kill_minus_nine_and_resume_gives_identical_losses(tmp_path):
   np.testing.assert_array_equal([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)])
   with open(killed / trainer.LOSS_LOG) as f:
     logged = [json.loads(line)["step"] for line in f]
-  assert len(logged) > len(set(logged))  # The resumed run repeated the steps after its checkpoint.
+  # The resumed run replaced the lines of the steps after its checkpoint.
+  assert logged == list(range(1, steps + 1))
 
 
 def test_sigterm_saves_and_exits(tmp_path):
@@ -84,3 +85,50 @@ def test_sigterm_saves_and_exits(tmp_path):
   saved = int(output.split("SIGTERM received: saved step ")[1].split(",")[0])
   assert saved >= 2
   assert checkpoint_lib.Checkpointer(str(tmp_path), save_every=3, keep=3).latest_step() == saved
+
+
+STUCK_PIPELINE = """
+import sys, time
+from mm1_jax.data import pipeline
+from mm1_jax.training import prefetch
+from mm1_jax import train
+
+prefetch.STOP_GRACE_SECONDS = 3.0
+original = pipeline.MultimodalInput.__next__
+
+def next_then_stuck(self):
+  self.calls = getattr(self, "calls", 0) + 1
+  if self.calls > 4:  # The stream hangs before batch 5 (a dead file system, say).
+    time.sleep(10**6)
+  return original(self)
+
+pipeline.MultimodalInput.__next__ = next_then_stuck
+sys.argv = ["train"] + sys.argv[1:]
+train.cli.run(train.main, required=["config", "workdir"])
+"""
+
+
+def test_sigterm_while_the_input_pipeline_is_stuck_exits_in_bounded_time(tmp_path):
+  """Steps 1-4 train, the stream hangs reading batch 5: SIGTERM still ends the
+  job within the grace period, without saving a mid-read data position."""
+  workdir = tmp_path / "run"
+  command = [sys.executable, "-c", STUCK_PIPELINE] + train_command(workdir, 1000)[3:]
+  process = subprocess.Popen(command, cwd=REPO, env=single_device_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline:
+      if (workdir / trainer.LOSS_LOG).exists() and max(losses(workdir), default=0) >= 4:
+        break
+      time.sleep(0.1)
+    time.sleep(1.0)  # The producer is now inside the hanging read.
+    signalled = time.time()
+    process.send_signal(signal.SIGTERM)
+    output, errors = (text.decode() for text in process.communicate(timeout=60))
+  finally:
+    process.kill()
+  assert time.time() - signalled < 30, "did not exit within the bound"
+  assert process.returncode == 0, errors[-2000:]
+  assert "SIGTERM received while the input pipeline was stuck in a read" in output
+  assert "step 4 was not saved; the last checkpoint is step 3" in output
+  assert checkpoint_lib.Checkpointer(str(workdir), save_every=3, keep=3).latest_step() == 3

@@ -25,6 +25,9 @@ class InputConfig:
   seq_len: int = 256
   pack: bool = True
   image_policy: str = "stretch"  # stretch | pad | crop (aspect-ratio handling).
+  # RGB (0..255) behind the transparent pixels of RGBA / LA / palette images:
+  # white, what viewers show (line art drawn only in alpha stays visible).
+  image_background: tuple[int, int, int] = (255, 255, 255)
   image_start_end: bool = False  # Bracket each placeholder run with <image_start>/<image_end>.
   shuffle: bool = True
   seed: int = 0
@@ -34,6 +37,11 @@ class InputConfig:
   # = SmolLM2-135M-Instruct's GGUF (49,159 ids: set llm.vocab_size >= that,
   # e.g. 49216, and image_placeholder_id=49152).
   vocabulary: str = ""
+  # Per task, the largest fraction of its last 1000 records that may be
+  # skipped as bad (undecodable image, missing feature, ...) before the run
+  # stops with a DataHealthError naming the task and a bad record; 1 = no
+  # limit. A task with no usable example in its first 100 records always stops.
+  max_skip_fraction: float = 0.05
 
   @classmethod
   def from_dict(cls, values) -> "InputConfig":
@@ -47,9 +55,18 @@ def validate(config: InputConfig) -> None:
   c = config
   # Two tokens: one input and one target at least.
   require_at_least(c, "data", batch_size=1, seq_len=2, seed=0, num_epochs=1)
+  if not 0.0 <= c.max_skip_fraction <= 1.0:
+    raise ConfigError(f"data.max_skip_fraction: {c.max_skip_fraction} is not a fraction; use "
+                      "a value in [0, 1] (0.05: stop when over 5% of a task's records are bad).")
   if c.image_policy not in IMAGE_POLICIES:
     raise ConfigError(f"data.image_policy: unknown policy {c.image_policy!r}; use one of "
                       f"{IMAGE_POLICIES}.")
+  background = c.image_background
+  if (not isinstance(background, (tuple, list)) or len(background) != 3
+      or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255
+                 for v in background)):
+    raise ConfigError(f"data.image_background: expected three RGB ints in 0..255, got "
+                      f"{background!r}; e.g. (255, 255, 255) for white.")
   for field in ("mixture", "split"):
     if not getattr(c, field).strip():
       raise ConfigError(f"data.{field}: empty; name a registered SeqIO "

@@ -9,8 +9,10 @@ process_count). The stream is deterministic given the seed, and its position
 (tf.data iterator state + the packer's partly filled sequence) can be saved
 and restored, so a resumed run sees exactly the batches it would have seen.
 
-Bad records (undecodable or truncated images, records with neither text nor
-images) are skipped and counted in `num_skipped`, never fatal.
+Bad records (undecodable or truncated images, missing features, records with
+neither text nor images, records that do not fit) are skipped and counted per
+task and reason in `health` (mm1_jax/data/health.py); a task with too many of
+them stops the run with a DataHealthError instead of silently vanishing.
 
 Batch contract (per host, B = global batch / process count):
     decoder_input_tokens, decoder_target_tokens, decoder_loss_weights,
@@ -20,9 +22,11 @@ Batch contract (per host, B = global batch / process count):
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
+import re
 from typing import Iterator
 
 import numpy as np
@@ -30,6 +34,7 @@ import seqio
 import tensorflow as tf
 
 from mm1_jax import paths
+from mm1_jax.data import health as health_lib
 from mm1_jax.data import images as image_ops
 from mm1_jax.data import packing, sources, tasks, tokenizer
 from mm1_jax.data.converter import MultimodalFeatureConverter
@@ -40,37 +45,104 @@ from mm1_jax.typed_config import ConfigError
 tf.config.set_visible_devices([], "GPU")
 
 
+def _task_datasets(provider, config: InputConfig, shard: seqio.ShardInfo
+                   ) -> tuple[list[str], tf.data.Dataset]:
+  """The task names and the mixed stream, each record tagged with its task.
+
+  seqio's Mixture.get_dataset drops every feature but the output ones, so the
+  mixture is sampled here, as it does (same tasks, rates, seed semantics and
+  sample function: the same records in the same order), after adding `task`
+  (an index into the names), `problem` and `source` (see data/health.py).
+  """
+  keys = set(provider.output_features) | {health_lib.PROBLEM_KEY, health_lib.SOURCE_KEY}
+  is_mixture = isinstance(provider, seqio.Mixture)
+  task_list = [t for t in provider.tasks if config.split in t.splits] if is_mixture else [provider]
+  if not task_list:
+    raise ValueError(f"No datasets have a {config.split!r} split")
+
+  def tagged(index, task):
+    dataset = task.get_dataset(
+        sequence_length=None, split=config.split, shuffle=config.shuffle, seed=config.seed,
+        shard_info=shard, num_epochs=config.num_epochs, use_cached=False)
+
+    def tag(example):
+      example = {k: v for k, v in example.items() if k in keys}
+      example.setdefault(health_lib.PROBLEM_KEY, tf.constant(""))
+      example.setdefault(health_lib.SOURCE_KEY, tf.constant(""))
+      return {**example, "task": tf.constant(index, tf.int32)}
+    return dataset.map(tag, num_parallel_calls=tf.data.AUTOTUNE)
+
+  datasets = [tagged(i, task) for i, task in enumerate(task_list)]
+  if not is_mixture:
+    return [provider.name], datasets[0]
+  sample = getattr(provider, "_sample_fn", functools.partial(
+      tf.data.Dataset.sample_from_datasets, stop_on_empty_dataset=True))
+  # Mixture.get_dataset's seed: the given one, else None to shuffle, else 42.
+  seed = config.seed if config.seed is not None else (None if config.shuffle else 42)
+  mixed = sample(datasets, [provider.get_rate(task) for task in task_list], seed)
+  return [task.name for task in task_list], mixed
+
+
+def _decode_images(encoded: tf.Tensor, config: InputConfig, model: MM1Config) -> tf.Tensor:
+  """tf.string [k] -> uint8 [k, S, S, 3]; raises on an undecodable image."""
+  return image_ops.decode_and_resize(encoded, model.encoder.image_size, config.image_policy,
+                                     pad_color=model.encoder.image_mean,
+                                     background=config.image_background)
+
+
 def _tf_stream(provider, config: InputConfig, model: MM1Config, shard: seqio.ShardInfo
-               ) -> tf.data.Dataset:
-  """Tokenized examples with decoded images, numbered so skips can be counted."""
-  dataset = provider.get_dataset(
-      sequence_length=None, split=config.split, shuffle=config.shuffle, seed=config.seed,
-      shard_info=shard, num_epochs=config.num_epochs, use_cached=False)
+               ) -> tuple[list[str], tf.data.Dataset]:
+  """Task names and tokenized records with decoded images, none dropped.
+
+  A record whose images do not decode comes out with decoded=False and its
+  encoded images (for the host to learn why), so every record is counted.
+  """
+  task_names, dataset = _task_datasets(provider, config, shard)
   image_size = model.encoder.image_size
 
-  def decode(index, example):
+  def tokens(example):
     inputs = tf.cast(example.get("inputs", tf.zeros([0], tf.int32)), tf.int32)
     targets = tf.cast(example["targets"], tf.int32)
-    encoded = example.get("images", tf.zeros([0], tf.string))
     return {
-        "index": index,
+        "task": example["task"],
+        "problem": example[health_lib.PROBLEM_KEY],
+        "source": example[health_lib.SOURCE_KEY],
         "tokens": tf.concat([inputs, targets], 0),
         "loss_mask": tf.concat([tf.zeros_like(inputs), tf.ones_like(targets)], 0),
-        "images": image_ops.decode_and_resize(encoded, image_size, config.image_policy,
-                                              pad_color=model.encoder.image_mean),
+        "encoded": example.get("images", tf.zeros([0], tf.string)),
     }
 
-  dataset = dataset.enumerate().map(decode, num_parallel_calls=tf.data.AUTOTUNE,
-                                    deterministic=True)
-  # A record whose image does not decode raises inside the map; drop it here.
-  # The index gap it leaves is how the host side counts it.
-  dataset = dataset.ignore_errors()
+  def decoded(record):
+    images = _decode_images(record["encoded"], config, model)
+    return {**record, "images": images, "encoded": tf.zeros([0], tf.string),
+            "decoded": tf.constant(True)}
+
+  def failed(record):
+    return {**record, "images": tf.zeros([0, image_size, image_size, 3], tf.uint8),
+            "decoded": tf.constant(False)}
+
+  def decode_or_flag(record):
+    # tf.data has no try/except: decode in a one-record dataset whose error is
+    # ignored, then fall back to the flagged record. Nothing is dropped.
+    single = tf.data.Dataset.from_tensors(record)
+    return single.map(decoded).ignore_errors().concatenate(single.map(failed)).take(1)
+
+  dataset = dataset.map(tokens, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  # One record per inner dataset: the output keeps the input's order.
+  dataset = dataset.interleave(decode_or_flag, cycle_length=8, block_length=1,
+                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   options = tf.data.Options()
   options.deterministic = True
   # Sources that read files by index through py_function are deterministic in
   # the index, so their "external state" needs no checkpointing.
   options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
-  return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+  return task_names, dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _first_line(message: str) -> str:
+  """An error message's first line without TensorFlow's {{function_node ...}}."""
+  message = re.sub(r"\{\{[^}]*\}\}\s*", "", message).strip()
+  return message.splitlines()[0] if message else ""
 
 
 class MultimodalInput:
@@ -101,13 +173,22 @@ class MultimodalInput:
     for source_name in tasks.required_sources(name):
       sources.prepare(source_name)
     shard = seqio.ShardInfo(index=process_index, num_shards=process_count)
-    self._dataset = _tf_stream(provider, config, model, shard)
+    self._task_names, self._dataset = _tf_stream(provider, config, model, shard)
     self._iterator = iter(self._dataset)
     self._ready: list[dict[str, np.ndarray]] = []  # Finished sequences not yet batched.
-    self._next_index = 0  # The index the next good record should have.
-    self.num_skipped = 0  # Bad records skipped so far (a training metric).
-    self.num_examples = 0  # Good records consumed.
+    # Per-task read/used/skipped counts (scalars, console and end-of-run text).
+    self.health = health_lib.DataHealth(config.max_skip_fraction)
     self._exhausted = False
+
+  @property
+  def num_skipped(self) -> int:
+    """Bad records skipped so far, all tasks (a training metric)."""
+    return self.health.num_skipped
+
+  @property
+  def num_examples(self) -> int:
+    """Good records consumed, all tasks."""
+    return self.health.num_used
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
@@ -115,24 +196,62 @@ class MultimodalInput:
   def _take_example(self) -> dict[str, np.ndarray] | None:
     """The next usable example (expanded and fitted), or None at the end.
 
-    Skips, and counts, records the tf.data stage dropped (their index is
-    missing) and records with nothing to train on.
+    Every record read is counted in `health`, used or skipped with its reason;
+    raises DataHealthError when a task's data is too broken to train on.
     """
     while True:
       try:
         record = next(self._iterator)
       except StopIteration:
         return None
-      index = int(record["index"])
-      self.num_skipped += index - self._next_index
-      self._next_index = index + 1
-      example = self.converter.prepare({key: record[key].numpy()
-                                        for key in ("tokens", "loss_mask", "images")})
-      if example is None:
-        self.num_skipped += 1
+      except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
+        # Raised upstream of the task tag (e.g. a corrupt file); the iterator
+        # goes on with the next record.
+        self.health.skipped(health_lib.UNKNOWN_TASK,
+                            health_lib.reason_of(error.message, "tf.data error"),
+                            detail=_first_line(error.message))
         continue
-      self.num_examples += 1
+      task = self._task_names[int(record["task"])]
+      source = record["source"].numpy().decode("utf-8", "replace")
+      problem = record["problem"].numpy().decode("utf-8", "replace")
+      if problem:
+        self.health.skipped(task, health_lib.reason_of(problem, "bad record"), source, problem)
+        continue
+      if not bool(record["decoded"]):
+        self._skip_undecodable(task, source, record["encoded"].numpy())
+        continue
+      tokens, loss_mask = record["tokens"].numpy(), record["loss_mask"].numpy()
+      images = record["images"].numpy()
+      if not len(images) and not np.any(tokens[loss_mask > 0] != self.converter.eos_id):
+        self.health.skipped(task, health_lib.EMPTY_TEXT, source)
+        continue
+      example = self.converter.prepare({"tokens": tokens, "loss_mask": loss_mask,
+                                        "images": images})
+      if example is None or not example["loss_mask"].any():
+        # Cut to fit, nothing is left to train on: a too long prompt, or a
+        # prompt that is an image whose run does not fit.
+        no_image = len(images) and (example is None or not len(example["images"]))
+        self.health.skipped(task, health_lib.NO_IMAGE_FITS if no_image
+                            else health_lib.DOES_NOT_FIT, source)
+        continue
+      self.health.used(task)
       return example
+
+  def _skip_undecodable(self, task: str, source: str, encoded: np.ndarray) -> None:
+    """Counts a record whose images did not decode, with the decoder's reason.
+
+    tf.data only said that it failed: decoding again here (bad records are
+    rare) gives the error message, whose prefix is the reason.
+    """
+    for number, data in enumerate(encoded):
+      try:
+        _decode_images(tf.constant([data]), self.config, self.model)
+      except (tf.errors.OpError, ValueError) as error:
+        message = error.message if isinstance(error, tf.errors.OpError) else str(error)
+        self.health.skipped(task, health_lib.reason_of(message), source,
+                            f"image {number}: {_first_line(message)}")
+        return
+    self.health.skipped(task, health_lib.UNDECODABLE_IMAGE, source)
 
   def __next__(self) -> dict[str, np.ndarray]:
     while len(self._ready) < self.local_batch_size and not self._exhausted:
@@ -169,9 +288,9 @@ class MultimodalInput:
     with (directory / "host_state.npz").open("wb") as f:
       f.write(buffer.getvalue())
     (directory / "counters.json").write_text(json.dumps(
-        {"num_ready": len(self._ready), "next_index": self._next_index,
-         "num_skipped": self.num_skipped, "num_examples": self.num_examples,
-         "exhausted": self._exhausted}))
+        {"num_ready": len(self._ready), "num_skipped": self.num_skipped,
+         "num_examples": self.num_examples, "exhausted": self._exhausted,
+         "health": self.health.state_dict()}))
 
   def restore(self, directory: str) -> None:
     """Continues from a position written by `save` with the same configs."""
@@ -186,8 +305,7 @@ class MultimodalInput:
                       if k.startswith(f"ready_{i}_")} for i in range(counters["num_ready"])]
       self.converter.set_state({k[len("packer_"):]: arrays[k] for k in arrays.files
                               if k.startswith("packer_")})
-    self._next_index = counters["next_index"]
-    self.num_skipped = counters["num_skipped"]
-    self.num_examples = counters["num_examples"]
+    # Positions saved before per-task counts existed restore with none.
+    self.health.load_state_dict(counters.get("health", {}))
     self._exhausted = counters["exhausted"]
 

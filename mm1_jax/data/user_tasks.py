@@ -15,6 +15,11 @@ The tasks emit the features of mm1_jax/data/tasks.py (inputs, targets,
 images), so they mix with the bundled ones and feed the same converter.
 Each host reads whole files (seqio's file-level sharding): use at least as
 many files per split as hosts.
+
+Bad records are not dropped here but flagged: each example also carries
+`problem` ("" or "<reason>: details", e.g. a missing feature key, naming the
+task, the key asked for and the keys the record has) and `source`
+("file:record number"), which the pipeline counts (mm1_jax/data/health.py).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Mapping
 import seqio
 import tensorflow as tf
 
-from mm1_jax.data import tasks
+from mm1_jax.data import health, tasks
 
 FILE_FORMATS = ("tfrecord", "array_record")
 
@@ -52,24 +57,75 @@ def _read_array_record(path: tf.Tensor) -> tf.data.Dataset:
       lambda i: tf.reshape(tf.py_function(read, [i, path], tf.string), []))
 
 
-def _source(split_to_pattern: Mapping[str, str], file_format: str,
+def _record_keys(record: tf.Tensor) -> tf.Tensor:
+  """The feature keys of a serialized tf.Example: tf.string [n]."""
+  def field(data, message, name):
+    return tf.io.decode_proto(data, message, [name], [tf.string])[1][0]
+  features = tf.reshape(field(record, "tensorflow.Example", "features"), [])
+  entries = tf.reshape(field(features, "tensorflow.Features", "feature"), [-1])
+  return tf.reshape(field(entries, "tensorflow.Features.FeatureEntry", "key"), [-1])
+
+
+def _source(name: str, split_to_pattern: Mapping[str, str], file_format: str,
             features: Mapping[str, tf.io.FixedLenFeature | tf.io.RaggedFeature]
             ) -> seqio.DataSource:
+  """Parsed records plus `problem` (a missing key) and `source` (file:number).
+
+  A missing list feature is no problem by itself (a document without images
+  may omit it); `_absent` describes it, for `_register`'s problem check.
+  """
   if file_format not in FILE_FORMATS:
     raise ValueError(f"file_format {file_format!r} is not one of {FILE_FORMATS}.")
   read_file = tf.data.TFRecordDataset if file_format == "tfrecord" else _read_array_record
-  parse = lambda record: tf.io.parse_single_example(record, features)
+  # Defaults, so a record missing a key parses (and is flagged) instead of
+  # raising inside tf.data, where the error names neither task nor key.
+  lenient = {k: (tf.io.FixedLenFeature(f.shape, f.dtype, default_value="")
+                 if isinstance(f, tf.io.FixedLenFeature) else f) for k, f in features.items()}
+  wanted = tf.constant(sorted(features))
+  required = tf.constant([isinstance(features[k], tf.io.FixedLenFeature)
+                          for k in sorted(features)])
+
+  def parse(number, record, path):
+    parsed = tf.io.parse_single_example(record, lenient)
+    present = _record_keys(record)
+    missing = tf.logical_not(tf.reduce_any(
+        tf.equal(wanted[:, None], present[None, :]), axis=1))
+    absent = tf.cond(
+        tf.reduce_any(missing),
+        lambda: tf.strings.join([
+            f"{health.MISSING_FEATURE}: task {name!r} asks for key '",
+            tf.strings.reduce_join(tf.boolean_mask(wanted, missing), separator="', '"),
+            "'; the record has keys '", tf.strings.reduce_join(present, separator="', '"),
+            "'"]),
+        lambda: tf.constant(""))
+    problem = tf.where(tf.reduce_any(missing & required), absent, "")
+    source = tf.strings.join([path, tf.strings.as_string(number)], separator=":")
+    return {**parsed, health.PROBLEM_KEY: problem, health.SOURCE_KEY: source,
+            "_absent": absent}
+
   return seqio.FileDataSource(
-      read_file_fn=lambda path: read_file(path).map(parse),
+      read_file_fn=lambda path: read_file(path).enumerate().map(
+          lambda number, record: parse(number, record, path)),
       split_to_filepattern=dict(split_to_pattern))
 
 
-def _register(name: str, source: seqio.DataSource, to_example, keep=None) -> seqio.Task:
-  """Registers `name`: records -> to_example -> (filter by keep) -> tokens."""
-  preprocessors = [seqio.map_over_dataset(to_example)]
-  if keep is not None:
-    preprocessors.append(lambda dataset: dataset.filter(keep))
-  preprocessors += [tasks.tokenize_text, seqio.preprocessors.append_eos_after_trim]
+def _register(name: str, source: seqio.DataSource, to_example, problem=None) -> seqio.Task:
+  """Registers `name`: records -> to_example (+ problem, source) -> tokens.
+
+  problem(example) -> "" or "<reason>: details" flags records the pipeline
+  should skip (and count) rather than dropping them here.
+  """
+  def with_health(record):
+    example = to_example(record)
+    flagged = record[health.PROBLEM_KEY]
+    if problem is not None:
+      found = tf.cond(flagged == "", lambda: problem(example), lambda: flagged)
+      # A problem with a missing list feature behind it: name the key.
+      flagged = tf.where((found != "") & (record["_absent"] != ""), record["_absent"], found)
+    return {**example, health.PROBLEM_KEY: flagged, health.SOURCE_KEY: record[health.SOURCE_KEY]}
+
+  preprocessors = [seqio.map_over_dataset(with_health), tasks.tokenize_text,
+                   seqio.preprocessors.append_eos_after_trim]
   return seqio.TaskRegistry.add(name, source=source, preprocessors=preprocessors,
                                 output_features=tasks.OUTPUT_FEATURES)
 
@@ -89,7 +145,7 @@ def register_image_text_task(name: str, split_to_pattern: Mapping[str, str], *,
     return {"inputs": prompt + tasks.IMAGE_MARKER, "targets": record[text_key],
             "images": tf.reshape(record[image_key], [1])}
 
-  return _register(name, _source(split_to_pattern, file_format, features), to_example)
+  return _register(name, _source(name, split_to_pattern, file_format, features), to_example)
 
 
 def register_interleaved_task(name: str, split_to_pattern: Mapping[str, str], *,
@@ -100,7 +156,7 @@ def register_interleaved_task(name: str, split_to_pattern: Mapping[str, str], *,
   Records: tf.Example with `text_key` (the document's text, one "<image>"
   marker where each image goes) and `images_key` (encoded images, in the
   order of their markers). Documents whose marker count differs from their
-  image count would misalign, so they are dropped.
+  image count would misalign, so they are skipped (and counted).
   """
   features = {images_key: tf.io.RaggedFeature(tf.string),
               text_key: tf.io.FixedLenFeature([], tf.string)}
@@ -108,9 +164,14 @@ def register_interleaved_task(name: str, split_to_pattern: Mapping[str, str], *,
   def to_example(record):
     return {"inputs": "", "targets": record[text_key], "images": record[images_key]}
 
-  def consistent(example):
+  def mismatch(example):
     num_markers = tf.size(tf.strings.split(example["targets"], tasks.IMAGE_MARKER)) - 1
-    return tf.equal(tf.cast(num_markers, tf.int32), tf.size(example["images"]))
+    num_images = tf.size(example["images"])
+    return tf.cond(
+        tf.equal(tf.cast(num_markers, tf.int32), num_images), lambda: tf.constant(""),
+        lambda: tf.strings.join([
+            f"{health.IMAGE_COUNT_MISMATCH}: ", tf.strings.as_string(num_markers),
+            " <image> markers but ", tf.strings.as_string(num_images), " images"]))
 
-  return _register(name, _source(split_to_pattern, file_format, features), to_example,
-                   keep=consistent)
+  return _register(name, _source(name, split_to_pattern, file_format, features), to_example,
+                   problem=mismatch)

@@ -124,7 +124,8 @@ def default_eval_split(task_name: str, vocabulary_path: str = "") -> str:
   for split in _EVAL_SPLITS:
     if split in splits:
       return split
-  raise ValueError(f"task {task_name!r} has splits {splits}; name the evaluation split.")
+  raise ValueError(f"task {task_name!r} has splits {splits}, none of {list(_EVAL_SPLITS)}; "
+                   "name the evaluation split (python -m mm1_jax.evaluate --split=NAME).")
 
 
 def _strings(values) -> tuple[str, ...]:

@@ -69,6 +69,55 @@ class CheckpointMismatchError(ValueError):
     self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
 
 
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written; the message names the path and cause."""
+
+
+class _StateHandler(ocp.PyTreeCheckpointHandler):
+  """Orbax's PyTree handler, keeping the errors of its background writes.
+
+  Orbax's finalize thread logs a failed asynchronous write and moves on; the
+  training loop must stop on it (Checkpointer.check_saved), naming the cause.
+  """
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.errors: list[BaseException] = []
+
+  async def async_save(self, *args, **kwargs):
+    futures = await super().async_save(*args, **kwargs)
+    return [_RecordingFuture(f, self.errors) for f in futures or []]
+
+
+@ocp.args.register_with_handler(_StateHandler, for_save=True)
+@dataclasses.dataclass
+class _StateSave(ocp.args.PyTreeSave):
+  """PyTreeSave for _StateHandler (Orbax maps argument classes to handlers)."""
+
+
+@ocp.args.register_with_handler(_StateHandler, for_restore=True)
+@dataclasses.dataclass
+class _StateRestore(ocp.args.PyTreeRestore):
+  """PyTreeRestore for _StateHandler."""
+
+
+class _RecordingFuture:
+  """A future whose error, if any, is also appended to `errors`."""
+
+  def __init__(self, future, errors: list[BaseException]):
+    self._future, self._errors = future, errors
+
+  def result(self, timeout=None):
+    try:
+      return self._future.result(timeout=timeout)
+    except Exception as error:  # pylint: disable=broad-except  (recorded, re-raised)
+      self._errors.append(error)
+      raise
+
+  def __getattr__(self, name):
+    return getattr(self._future, name)
+
+
 class DataSource(Protocol):
   """What the Checkpointer needs of an input pipeline (e.g. MultimodalInput).
 
@@ -302,12 +351,11 @@ class Checkpointer:
         # Checkpointer must not modify a workdir (e.g. one of another config).
         cleanup_tmp_directories=False,
         create=True)
+    self._state_handler = _StateHandler(type_handler_registry=_type_handlers())
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={
-            STATE_ITEM: ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
-            DATA_ITEM: DataPositionHandler(),
-        })
+        item_handlers={STATE_ITEM: self._state_handler, DATA_ITEM: DataPositionHandler()})
+    self._pending: int | None = None  # The step of a save not yet checked (check_saved).
 
   # Saving.
 
@@ -326,11 +374,19 @@ class Checkpointer:
     """
     if not self.should_save(step, force):
       return False
-    items = {STATE_ITEM: ocp.args.PyTreeSave(state)}
+    self.check_saved()  # The previous save's failure first.
+    items = {STATE_ITEM: _StateSave(state)}
     if data_source is not None:
       items[DATA_ITEM] = DataPositionSave(data_source)
-    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except OSError as error:  # The synchronous part: directories, the data position.
+      raise CheckpointSaveError(
+          f"saving the checkpoint of step {step} to {self.directory} failed: {error!r}. The "
+          f"previous checkpoint (step {self.latest_step()}) is intact; fix the cause (disk "
+          "space, permissions) and restart.") from error
     if saved:
+      self._pending = step
       logging.info("Checkpoint of step %d started in %s", step, self.directory)
     return saved
 
@@ -349,20 +405,27 @@ class Checkpointer:
     """All committed checkpoint steps on disk, ascending."""
     return sorted(metadata.step for metadata in self._name_format.find_all(self.directory))
 
-  def restore(self, abstract_state: Any, data_source: DataSource | None = None) -> Any:
+  def restore(self, abstract_state: Any, data_source: DataSource | None = None,
+              step: int | None = None) -> Any:
     """Restores the latest committed step into abstract_state's shardings.
 
     abstract_state: pytree of jax.ShapeDtypeStruct with `.sharding` (any mesh:
       Orbax reshards on read). Returns None when there is no checkpoint.
+    step: a committed step to restore instead of the latest (FileNotFoundError
+      naming the committed ones if it is not one).
     Raises CheckpointMismatchError, before reading or writing anything else,
     when the stored paths or shapes differ from abstract_state.
     """
     self._manager.wait_until_finished()  # A save of our own still in flight.
-    step = self.latest_step()
     if step is None:
-      return None
+      step = self.latest_step()
+      if step is None:
+        return None
+    elif step not in self.all_steps():
+      raise FileNotFoundError(f"no committed checkpoint of step {step} in {self.directory}; "
+                              f"it has steps {self.all_steps()}.")
     self.check_compatible(step, abstract_state)
-    items = {STATE_ITEM: ocp.args.PyTreeRestore(
+    items = {STATE_ITEM: _StateRestore(
         item=abstract_state,
         restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
     if data_source is not None:
@@ -394,11 +457,37 @@ class Checkpointer:
     step_dir = self._name_format.find_step(self.directory, step).path
     return step_dir / DATA_ITEM / data_entry_name(process_index, process_count)
 
+  def delete(self, step: int) -> None:
+    """Deletes committed checkpoint `step` (both items)."""
+    self._manager.wait_until_finished()
+    self._manager.delete(step)
+
+  def check_saved(self) -> None:
+    """Raises CheckpointSaveError once the last asynchronous save has ended
+    without committing its step (disk full, permissions, ...). Cheap while the
+    save runs: the training loop calls it every step."""
+    if self._pending is None or self._manager.is_saving_in_progress():
+      return
+    step, self._pending = self._pending, None
+    if self._state_handler.errors or step not in self.all_steps():
+      cause = (repr(self._state_handler.errors[-1]) if self._state_handler.errors
+               else "it was not committed (see Orbax's error in the log)")
+      self._state_handler.errors.clear()
+      raise CheckpointSaveError(
+          f"saving the checkpoint of step {step} to {self.directory} failed: {cause}. The "
+          f"previous checkpoint (step {self.latest_step()}) is intact; fix the cause (disk "
+          "space, permissions) and restart.")
+
   # Lifecycle.
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves are committed."""
-    self._manager.wait_until_finished()
+    """Blocks until pending asynchronous saves are committed (CheckpointSaveError
+    if one failed)."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as error:  # pylint: disable=broad-except  (Orbax re-raises the write's)
+      self._state_handler.errors.append(error)
+    self.check_saved()
 
   def close(self) -> None:
     """Waits for pending saves and releases Orbax's resources."""
@@ -534,7 +623,9 @@ def load_component_params(paths: Iterable[str], abstract_params: Mapping[str, An
 
 
 class PreemptionGuard:
-  """Context manager turning SIGTERM into a flag the training loop polls.
+  """Context manager turning SIGTERM (and SIGINT, when given) into a flag the
+  training loop polls. A second SIGINT raises KeyboardInterrupt at once: the
+  person at the keyboard means it.
 
   The handler only sets `requested` (doing real work inside a signal handler
   would interrupt JAX or Orbax at an arbitrary point); the loop saves with
@@ -551,11 +642,15 @@ class PreemptionGuard:
   def __init__(self, signals: Iterable[int] = (signal.SIGTERM,)):
     self.signals = tuple(signals)
     self.requested = False
+    self.signal_name = ""
     self._previous: dict[int, Any] = {}
 
   def _handle(self, signum: int, frame: Any) -> None:
     del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
     self.requested = True
+    self.signal_name = signal.Signals(signum).name
     logging.warning("Received signal %d: will checkpoint and stop after this step.", signum)
 
   def __enter__(self) -> "PreemptionGuard":

@@ -15,6 +15,12 @@ after the batch of every step at which the consumer may save
 (`pauses_after`) until `resume()`, and `stop()` ends production without
 reading further, so that after draining the queue the source's position is
 again the consumer's (preemption: train what was prefetched, then save).
+
+A signal must be honoured even while the loop waits on a slow or stuck input
+pipeline: `interrupted()` is polled while waiting, and once stopped, a
+producer still inside a read after `stop_grace_s` is abandoned (it is a
+daemon thread) and `consistent` turns False: the source's position is then
+mid-read and must not be saved.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 # How often a blocked producer looks at the stop flag, seconds.
@@ -42,6 +49,8 @@ class _Failed:
 
 
 _END = object()
+# How long a stopped producer may take to finish the read it is in.
+STOP_GRACE_SECONDS = 30.0
 
 
 class BatchPrefetcher:
@@ -59,12 +68,17 @@ class BatchPrefetcher:
 
   def __init__(self, source: Iterator[Any], prepare: Callable[[Any], tuple[Any, int]],
                first_step: int, num_steps: int, pauses_after: Callable[[int], bool],
-               depth: int = 2):
+               depth: int = 2, interrupted: Callable[[], bool] = lambda: False,
+               stop_grace_s: float = STOP_GRACE_SECONDS):
     if depth < 1:
       raise ValueError(f"prefetch depth must be >= 1, got {depth}.")
     self._source, self._prepare = source, prepare
     self._first_step, self._num_steps = first_step, num_steps
     self._pauses_after = pauses_after
+    self._interrupted, self._stop_grace_s = interrupted, stop_grace_s
+    self._reading = threading.Event()  # Set while the producer is inside a read.
+    self._stopped_at: float | None = None
+    self.consistent = True  # False once a stuck read was abandoned.
     self._queue: queue.Queue = queue.Queue(maxsize=depth)
     self._resume = threading.Event()
     self._stop = threading.Event()  # Read no further batch.
@@ -96,11 +110,14 @@ class BatchPrefetcher:
     step = self._first_step
     try:
       while step < self._num_steps and not self._stop.is_set():
+        self._reading.set()
         try:
           local_batch = next(self._source)
         except StopIteration:
           self.exhausted = True
           break
+        finally:
+          self._reading.clear()
         arrays, num_tokens = self._prepare(local_batch)
         step += 1
         if not self._put(PreparedBatch(step, arrays, num_tokens)):
@@ -124,6 +141,12 @@ class BatchPrefetcher:
       except queue.Empty:
         if self._closed.is_set() or (not self._thread.is_alive() and self._queue.empty()):
           raise StopIteration from None
+        if not self._stop.is_set() and self._interrupted():
+          self.stop()
+        if (self._stop.is_set() and self._reading.is_set()
+            and time.monotonic() - self._stopped_at > self._stop_grace_s):
+          self.consistent = False  # Stuck inside a read: abandon it.
+          raise StopIteration from None
         continue
       if item is _END:
         raise StopIteration
@@ -137,6 +160,8 @@ class BatchPrefetcher:
 
   def stop(self) -> None:
     """Reads no further batch; the queued ones are still returned."""
+    if not self._stop.is_set():
+      self._stopped_at = time.monotonic()
     self._stop.set()
 
   @property
@@ -144,9 +169,10 @@ class BatchPrefetcher:
     return self._stop.is_set()
 
   def close(self) -> None:
-    self._stop.set()
+    self.stop()
     self._closed.set()
-    self._thread.join()
+    # A producer stuck inside a read is a daemon thread: left behind, not waited for.
+    self._thread.join(timeout=self._stop_grace_s if self.consistent else 1.0)
 
   def __enter__(self) -> "BatchPrefetcher":
     return self

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from typing import Any
 
 import jax
@@ -30,8 +31,10 @@ from mm1_jax.models import accounting
 from mm1_jax.training import checkpoint as checkpoint_lib
 from mm1_jax.training import metrics as metrics_lib
 from mm1_jax.training.optimizer import make_optimizer
+from mm1_jax.training import prefetch
 from mm1_jax.training.prefetch import BatchPrefetcher
 from mm1_jax.training.train_step import TrainStep, make_global_batch
+from mm1_jax.typed_config import ConfigError
 
 LOSS_LOG = "train_losses.jsonl"  # One {"step", "loss"} line per step (process 0).
 CONFIG_FILE = "config.json"  # The resolved config, as run.
@@ -104,9 +107,18 @@ def restore_params(experiment: Experiment, workdir: str):
 
 
 def _initial_state(train_step: TrainStep, experiment: Experiment, checkpointer, data_source):
-  state = checkpointer.restore(train_step.abstract_state, data_source)
+  chosen = experiment.train.restore_step
+  if chosen is not None and chosen not in checkpointer.all_steps():
+    raise ConfigError(f"train.restore_step: no checkpoint of step {chosen} in "
+                      f"{checkpointer.directory}; it has steps {checkpointer.all_steps()}.")
+  state = checkpointer.restore(train_step.abstract_state, data_source, step=chosen)
   if state is not None:
     say(f"Restored step {int(state['step'])} from {checkpointer.directory}")
+    later = [step for step in checkpointer.all_steps() if step > int(state["step"])]
+    for step in later:  # The run continues from the chosen step: they would shadow it.
+      checkpointer.delete(step)
+    if later:
+      say(f"Deleted the later checkpoints {later} (train.restore_step={chosen}).")
     return state
   state = train_step.init(jax.random.key(experiment.train.seed))
   if experiment.init_from:
@@ -127,12 +139,22 @@ def evaluate(experiment: Experiment, workdir: str, step: int, params, model, mes
   results = evaluator.evaluate(
       params, model, settings.tasks, settings.shots,
       max_queries=settings.max_queries or None, batch_size=settings.batch_size,
-      seed=settings.seed, mesh=mesh, image_policy=data.image_policy,
+      seed=settings.seed, mesh=mesh, eval_split=settings.split, image_policy=data.image_policy,
       image_start_end=data.image_start_end, vocabulary_path=data.vocabulary, log=say)
   writer.write_scalars(step, evaluator.scalars(results))
   if jax.process_index() == 0:
     paths.write_json(paths.as_path(workdir) / EVAL_DIR / f"step_{step}.json",
                      {"step": step, "results": results}, indent=2)
+
+
+def _truncate_loss_log(loss_log, last_step: int) -> None:
+  """Drops the loss lines of steps after `last_step` (a resumed run writes them
+  again), so that the log holds each step once."""
+  if jax.process_index() != 0 or not loss_log.exists():
+    return
+  lines = [line for line in loss_log.read_text().splitlines()
+           if line.strip() and json.loads(line)["step"] <= last_step]
+  loss_log.write_text("".join(line + "\n" for line in lines))
 
 
 class _MetricsWindow:
@@ -163,12 +185,7 @@ class _MetricsWindow:
     for step, (loss, grad_norm) in zip(new_steps, values):
       for name, value in (("loss", float(loss)), ("gradient norm", float(grad_norm))):
         if not math.isfinite(value):
-          checkpointer.wait()
-          raise NonFiniteLossError(
-              f"{name} is {value} at step {step}; stopping without saving (first non-finite "
-              f"step since step {new_steps[0] - 1}). The last good checkpoint (step "
-              f"{checkpointer.latest_step()}) in {checkpointer.directory} is intact: lower "
-              "the learning rate or check the data, then restart.")
+          raise NonFiniteLossError(_diverged(checkpointer, name, value, step, new_steps[0]))
     if jax.process_index() == 0:
       paths.append_lines(loss_log, [json.dumps({"step": step, "loss": float(loss)})
                                     for step, (loss, _) in zip(new_steps, values)])
@@ -183,6 +200,25 @@ class _MetricsWindow:
     return means, tokens_per_step
 
 
+def _diverged(checkpointer, name: str, value: float, step: int, window_start: int) -> str:
+  """The message of a non-finite loss at `step`. A checkpoint is good only once
+  a loss computed from its parameters is finite: the one of step - 1 produced
+  this loss, so it is deleted, and the message names the newest good one."""
+  checkpointer.wait()
+  removed = ""
+  if step - 1 in checkpointer.all_steps():
+    checkpointer.delete(step - 1)
+    removed = (f" The checkpoint of step {step - 1} held the diverged parameters (its next "
+               "loss is not finite) and was deleted.")
+  good = checkpointer.latest_step()
+  resume = (f"the last good checkpoint is step {good} in {checkpointer.directory}; lower the "
+            "learning rate or check the data, then restart (it resumes there)"
+            if good is not None else "no good checkpoint is left; lower the learning rate "
+            "or check the data, then restart")
+  return (f"{name} is {value} at step {step}; stopping without saving (the first non-finite "
+          f"step since step {window_start - 1}).{removed} Now {resume}.")
+
+
 def train(experiment: Experiment, workdir: str) -> dict[str, Any]:
   """Trains `experiment` in `workdir`; returns the scalars of the last report
   (metrics averaged over its log window, step_time, tokens_per_second, mfu)."""
@@ -193,8 +229,10 @@ def train(experiment: Experiment, workdir: str) -> dict[str, Any]:
   settings = experiment.train
   num_steps = settings.num_steps
   data_source = pipeline.MultimodalInput(experiment.data, model)
+  # One more than asked: the newest checkpoint is confirmed good only by the
+  # next finite loss, and until then the one before must survive.
   checkpointer = checkpoint_lib.Checkpointer(
-      workdir, save_every=settings.checkpoint_every, keep=settings.keep_checkpoints,
+      workdir, save_every=settings.checkpoint_every, keep=settings.keep_checkpoints + 1,
       async_save=settings.async_checkpoint)
   state = _initial_state(train_step, experiment, checkpointer, data_source)
   # Only now: a workdir of another config must fail restore before anything is written.
@@ -208,6 +246,7 @@ def train(experiment: Experiment, workdir: str) -> dict[str, Any]:
                                 frozen_connector="connector" in experiment.optimizer.freeze),
       peak, write=jax.process_index() == 0)
   loss_log = paths.as_path(workdir) / LOSS_LOG
+  _truncate_loss_log(loss_log, int(state["step"]))
 
   def prepare(local_batch):
     """On the prefetch thread: host-side checks, then the transfer."""
@@ -222,20 +261,25 @@ def train(experiment: Experiment, workdir: str) -> dict[str, Any]:
   first_step = int(state["step"])
   done = last_saved = first_step
   window = _MetricsWindow()
-  with checkpoint_lib.PreemptionGuard() as guard, BatchPrefetcher(
+  with checkpoint_lib.PreemptionGuard((signal.SIGTERM, signal.SIGINT)) as guard, BatchPrefetcher(
       data_source, prepare, first_step, num_steps, pauses_after=is_checkpoint_step,
-      depth=PREFETCH_DEPTH) as batches:
+      depth=PREFETCH_DEPTH, interrupted=lambda: guard.requested,
+      stop_grace_s=prefetch.STOP_GRACE_SECONDS) as batches:
     for batch in batches:
       state, metrics = train_step.step(state, batch.arrays)
       done = batch.step
+      checkpointer.check_saved()  # A failed background save stops the run now.
       window.add(done, metrics, batch.num_tokens)
       log_step = done % settings.log_every == 0 or done == num_steps
       if log_step or is_checkpoint_step(done):
         window.check(checkpointer, loss_log)  # Never save a non-finite state.
       if log_step:
         means, tokens_per_step = window.report_means()
-        say(reporter.report(done, means, tokens_per_step,
-                            {"skipped_examples": data_source.num_skipped}))
+        line = reporter.report(done, means, tokens_per_step,
+                               {"skipped_examples": data_source.num_skipped,
+                                **data_source.health.scalars()})
+        skipped = data_source.health.console_summary()  # Empty when nothing was skipped.
+        say(f"{line} | {skipped}" if skipped else line)
       if experiment.eval.every_steps and done % experiment.eval.every_steps == 0:
         evaluate(experiment, workdir, done, state["params"], model, train_step.mesh,
                  reporter.writer)
@@ -246,17 +290,23 @@ def train(experiment: Experiment, workdir: str) -> dict[str, Any]:
       if guard.requested and not batches.stopping:
         # Train what was prefetched (the data position then matches), then save.
         batches.stop()
-    if done > last_saved:  # Preempted, or the data ran out before num_steps.
+    if done > last_saved and batches.consistent:  # Preempted, or the data ran out.
       window.check(checkpointer, loss_log)
       checkpointer.save(done, state, data_source, force=True)
-  if guard.requested:
-    say(f"SIGTERM received: saved step {done}, exiting.")
+  if guard.requested and not batches.consistent:
+    window.check(checkpointer, loss_log)
+    say(f"{guard.signal_name} received while the input pipeline was stuck in a read for "
+        f"{prefetch.STOP_GRACE_SECONDS:.0f} s: its position is mid-read, so step {done} was "
+        f"not saved; the last checkpoint is step {checkpointer.latest_step()}. Exiting.")
+  elif guard.requested:
+    say(f"{guard.signal_name} received: saved step {done}, exiting.")
   elif batches.exhausted:
     say(f"The input ({experiment.data.mixture}, num_epochs={experiment.data.num_epochs}) "
         f"ran out after step {done} of {num_steps}; saved step {done}.")
   checkpointer.wait()
   checkpointer.close()
   reporter.flush()
+  say(data_source.health.end_of_run_report())
   say(f"Done at step {done}. Checkpoints: {checkpointer.directory}; metrics: {workdir} "
       f"(TensorBoard events, {LOSS_LOG}); config: {paths.as_path(workdir) / CONFIG_FILE}")
   return reporter.last_scalars

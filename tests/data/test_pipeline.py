@@ -129,6 +129,9 @@ def test_restored_position_gives_the_same_next_batches(tmp_path, file_system):
     restored.restore(str(tmp_path / "position"))
   assert_same_batches(batches(restored, 3), expected)
   assert restored.num_examples == source.num_examples
+  # Per-task counts continue from the saved ones (mm1_jax/data/health.py).
+  assert restored.health.state_dict() == source.health.state_dict()
+  assert set(restored.health.counts()) == set(tasks.MIXTURES["mm1_pretrain"])
 
 
 def test_packing_keeps_every_example_of_the_unpacked_stream():
@@ -214,7 +217,7 @@ def test_user_tasks_over_files_with_bad_records_skipped_and_counted(tmp_path, fi
       f"test_docs_{suffix}", {"train": str(tmp_path / f"docs.{file_format}")},
       file_format=file_format)
   try:
-    found, skipped, kept = [], 0, 0
+    found, skipped, kept, counts = [], 0, 0, {}
     # One task at a time: a finite mixture ends when its first task runs out.
     for task in (f"test_caps_{suffix}", f"test_docs_{suffix}"):
       config = InputConfig(mixture=task, batch_size=2, seq_len=96, shuffle=False, num_epochs=1,
@@ -222,8 +225,12 @@ def test_user_tasks_over_files_with_bad_records_skipped_and_counted(tmp_path, fi
       source = make_input(config)
       found += list(source)
       skipped, kept = skipped + source.num_skipped, kept + source.num_examples
+      counts.update(source.health.counts())
     assert skipped == 3  # Garbage bytes, a truncated PNG, an empty record.
     assert kept == 6 + 2
+    assert counts == {
+        f"test_caps_{suffix}": {"read": 8, "used": 6, "skipped": {"undecodable image": 2}},
+        f"test_docs_{suffix}": {"read": 3, "used": 2, "skipped": {"empty text": 1}}}
     images = np.concatenate([b["images"][b["image_mask"]] for b in found])
     assert len(images) == 6 + 3
     for batch in found:

@@ -174,3 +174,10 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
   assert result["shards_differ"]  # Each process had read its own shard of the data.
   np.testing.assert_allclose(result["loss"], run[4], rtol=1e-5)
   assert result["loss"] != run[3]  # Really the next step, not a repeat.
+
+
+def test_a_process_ended_by_a_signal_is_named_so():
+  from launch import local
+  assert local.describe_exit(-9) == "killed by SIGKILL"
+  assert local.describe_exit(-15) == "killed by SIGTERM"
+  assert local.describe_exit(3) == "exit 3"

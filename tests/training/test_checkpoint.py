@@ -443,3 +443,59 @@ def test_load_component_params_overlays_converted_components(tmp_path, mesh):
                                        kernel=jax.ShapeDtypeStruct((8, 2), jnp.float32)))
   with pytest.raises(ckpt.CheckpointMismatchError, match=r"encoder/kernel: checkpoint \(8, 4\)"):
     ckpt.load_component_params([str(tmp_path / "encoder")], narrow, fresh)
+
+
+def test_a_failed_background_save_is_reported_with_its_path_and_cause(tmp_path, mesh,
+                                                                       monkeypatch):
+  """Disk full in Orbax's background write: the next check names the step, the
+  directory and the cause; the previous checkpoint stays complete."""
+  state = make_state(mesh, step=1, offset=0.5)
+  with ckpt.Checkpointer(str(tmp_path), save_every=1, keep=3) as checkpointer:
+    assert checkpointer.save(1, state, FakeSource(position=10))
+    checkpointer.wait()
+
+    class FullDisk:
+      def result(self, timeout=None):
+        raise OSError(28, "No space left on device")
+
+    original = ckpt.ocp.PyTreeCheckpointHandler.async_save
+
+    async def failing_async_save(self, *args, **kwargs):
+      await original(self, *args, **kwargs)
+      return [FullDisk()]
+
+    monkeypatch.setattr(ckpt.ocp.PyTreeCheckpointHandler, "async_save", failing_async_save)
+    assert checkpointer.save(2, make_state(mesh, step=2, offset=1.5), FakeSource(position=20))
+    with pytest.raises(ckpt.CheckpointSaveError,
+                       match=r"saving the checkpoint of step 2 to .*checkpoints failed: "
+                             r".*No space left on device.*previous checkpoint \(step 1\) is intact"):
+      checkpointer.wait()
+    monkeypatch.undo()
+    assert checkpointer.all_steps() == [1]
+    restored = checkpointer.restore(abstract_of(state), FakeSource())
+  assert_trees_equal(restored, state)
+
+
+def test_restore_of_a_chosen_step_and_delete(tmp_path, mesh):
+  with ckpt.Checkpointer(str(tmp_path), save_every=1, keep=5) as checkpointer:
+    for step in (1, 2, 3):
+      checkpointer.save(step, make_state(mesh, step=step, offset=step), FakeSource(step))
+    checkpointer.wait()
+    source = FakeSource()
+    restored = checkpointer.restore(abstract_of(make_state(mesh, step=2, offset=2)), source,
+                                    step=2)
+    assert_trees_equal(restored, make_state(mesh, step=2, offset=2))
+    assert source.position == 2
+    with pytest.raises(FileNotFoundError, match=r"no committed checkpoint of step 7 .* steps "
+                                                r"\[1, 2, 3\]"):
+      checkpointer.restore(abstract_of(restored), step=7)
+    checkpointer.delete(3)
+    assert checkpointer.all_steps() == [1, 2] and checkpointer.latest_step() == 2
+
+
+def test_preemption_guard_takes_sigint_and_a_second_one_interrupts():
+  with ckpt.PreemptionGuard((signal.SIGTERM, signal.SIGINT)) as guard:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert guard.requested and guard.signal_name == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)

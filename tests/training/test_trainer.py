@@ -48,23 +48,43 @@ def test_losses_do_not_depend_on_the_mesh(tmp_path):
                                rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_names_a_good_checkpoint_and_a_restart_trains_on(tmp_path):
+  """Divergence with a checkpoint every step: the checkpoint whose next loss is
+  not finite is deleted, the one named is good, and a restart with a sane
+  learning rate trains on from it."""
   config = tiny_config(num_steps=20)
-  config.optimizer.update(learning_rate=1e12, grad_clip_norm=0.0)
+  config.optimizer.update(learning_rate=1e6, grad_clip_norm=0.0)
   with pytest.raises(trainer.NonFiniteLossError, match=r"(loss|gradient norm) is (nan|inf) at step "
                                                         r"(\d+); stopping without saving") as error:
     trainer.train(Experiment.from_config(config), str(tmp_path))
-  bad_step = int(error.value.args[0].split("at step ")[1].split(";")[0])
-  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), save_every=1, keep=2)
-  assert checkpointer.latest_step() == bad_step - 1
+  message = error.value.args[0]
+  bad_step = int(message.split("at step ")[1].split(";")[0])
+  good = int(message.split("the last good checkpoint is step ")[1].split(" ")[0])
+  assert f"The checkpoint of step {bad_step - 1} held the diverged parameters" in message
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), save_every=1, keep=3)
+  assert checkpointer.latest_step() == good == bad_step - 2
   train_step, _ = trainer.build(Experiment.from_config(config))
   state = checkpointer.restore(train_step.abstract_state)
-  assert int(state["step"]) == bad_step - 1
+  checkpointer.close()
+  assert int(state["step"]) == good
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+  sane = tiny_config(num_steps=good + 2)
+  sane.optimizer.grad_clip_norm = 0.0  # Only the learning rate changes (same optimizer state).
+  metrics = trainer.train(Experiment.from_config(sane), str(tmp_path))
+  assert np.isfinite(metrics["loss"])
+  assert sorted(losses(tmp_path)) == list(range(1, good + 3))  # Each step once.
+
+  # Back to a chosen step: the later checkpoints go, the loss log is cut there.
+  sane.train.update(num_steps=good + 1, restore_step=good)
+  trainer.train(Experiment.from_config(sane), str(tmp_path))
+  assert checkpoint_lib.Checkpointer(str(tmp_path), 1, 3).all_steps()[-1] == good + 1
+  assert sorted(losses(tmp_path)) == list(range(1, good + 2))
 
   # A config of another shape in the same workdir: refused, nothing written.
   listing = sorted((p, p.stat().st_mtime) for p in tmp_path.rglob("*"))
-  other = tiny_config(num_steps=20)
+  other = tiny_config(num_steps=good + 1)
+  other.optimizer.grad_clip_norm = 0.0
   other.model.llm.mlp_dim = 384
   with pytest.raises(checkpoint_lib.CheckpointMismatchError,
                      match=r"params/llm/blocks/layer_0/mlp/gate/kernel: checkpoint \(2, 128, 256\) "
