@@ -307,6 +307,7 @@ def train(experiment: Experiment, workdir: str) -> dict[str, Any]:
   checkpointer.close()
   reporter.flush()
   say(data_source.health.end_of_run_report())
-  say(f"Done at step {done}. Checkpoints: {checkpointer.directory}; metrics: {workdir} "
-      f"(TensorBoard events, {LOSS_LOG}); config: {paths.as_path(workdir) / CONFIG_FILE}")
+  say(f"Done at step {done}. Checkpoints: {checkpointer.directory}; metrics: "
+      f"{paths.as_path(workdir)} (TensorBoard events, {LOSS_LOG}); config: "
+      f"{paths.as_path(workdir) / CONFIG_FILE}")
   return reporter.last_scalars
