@@ -39,7 +39,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mm1_jax import cli
-from mm1_jax.typed_config import ConfigError, unknown_field_message
+from mm1_jax.typed_config import ConfigError, dataclass_from_dict
 from mm1_jax.models import accounting
 from mm1_jax.models.config import MM1Config
 
@@ -99,20 +99,17 @@ def parse_mesh(text: str) -> dict[str, int]:
   Raises ConfigError for a malformed item, an unknown axis or a size that is
   neither >= 1 nor -1.
   """
-  from mm1_jax.experiment import MeshConfig
+  from mm1_jax.experiment import MeshConfig, validate_mesh
 
-  axes = {field.name for field in dataclasses.fields(MeshConfig)}
   sizes = {}
   for item in filter(None, (part.strip() for part in text.split(","))):
     axis, sep, value = (part.strip() for part in item.partition("="))
     if not sep or not re.fullmatch(r"-?\d+", value):
       raise ConfigError(f"--mesh: expected axis=size items like 'data=2,fsdp=128', got "
                         f"{item!r}.")
-    if axis not in axes:
-      raise ConfigError(unknown_field_message("mesh", axis, axes))
     sizes[axis] = int(value)
-    if sizes[axis] == 0 or sizes[axis] < -1:
-      raise ConfigError(f"--mesh: {axis}={value}; sizes must be >= 1, or -1 for the rest.")
+  # The config's own checks: unknown axes (with the closest names) and sizes.
+  validate_mesh(dataclass_from_dict(MeshConfig, sizes, "mesh"))
   return sizes
 
 

@@ -22,6 +22,15 @@ def losses(workdir):
     return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
+def wait_for_step(workdir, step, timeout=300):
+  """Polls the loss log until `step` is logged (or the timeout passes)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if (workdir / trainer.LOSS_LOG).exists() and max(losses(workdir), default=0) >= step:
+      return
+    time.sleep(0.02)
+
+
 def train_command(workdir, num_steps):
   return [sys.executable, "-m", "mm1_jax.train", "--config=configs/tiny.py",
           f"--workdir={workdir}", f"--config.train.num_steps={num_steps}",
@@ -47,11 +56,7 @@ def test_kill_minus_nine_and_resume_gives_identical_losses(tmp_path):
                                   stderr=subprocess.PIPE)
   process = subprocess.Popen(train_command(killed, steps), cwd=REPO, env=single_device_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while time.time() < deadline:  # Kill once step 10 is done: past the step-9 checkpoint.
-    if (killed / trainer.LOSS_LOG).exists() and max(losses(killed), default=0) >= 10:
-      break
-    time.sleep(0.02)
+  wait_for_step(killed, 10)  # Kill once step 10 is done: past the step-9 checkpoint.
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert max(losses(killed)) < steps  # Really killed mid-run.
@@ -72,11 +77,7 @@ def test_sigterm_saves_and_exits(tmp_path):
   process = subprocess.Popen(command, cwd=REPO, env=single_device_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
   try:
-    deadline = time.time() + 300
-    while time.time() < deadline:
-      if (tmp_path / trainer.LOSS_LOG).exists() and max(losses(tmp_path), default=0) >= 2:
-        break
-      time.sleep(0.1)
+    wait_for_step(tmp_path, 2)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0].decode()
   finally:
@@ -116,11 +117,7 @@ def test_sigterm_while_the_input_pipeline_is_stuck_exits_in_bounded_time(tmp_pat
   process = subprocess.Popen(command, cwd=REPO, env=single_device_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   try:
-    deadline = time.time() + 300
-    while time.time() < deadline:
-      if (workdir / trainer.LOSS_LOG).exists() and max(losses(workdir), default=0) >= 4:
-        break
-      time.sleep(0.1)
+    wait_for_step(workdir, 4)
     time.sleep(1.0)  # The producer is now inside the hanging read.
     signalled = time.time()
     process.send_signal(signal.SIGTERM)

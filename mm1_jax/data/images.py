@@ -65,7 +65,6 @@ try:
 except RuntimeError:
   pass
 
-POLICIES = IMAGE_POLICIES
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # JPEG includes MPO (multi-picture).
 MAX_PIXELS = 150_000_000  # Declared width x height above which an image is refused.
 WHITE = (255, 255, 255)
@@ -214,8 +213,8 @@ def decode(data: bytes, background: Sequence[int] = WHITE, min_side: int | None 
 
 def _check_args(image_size: int, policy: str, pad_color: Sequence[float],
                 background: Sequence[int]) -> None:
-  if policy not in POLICIES:
-    raise ValueError(f"Unknown image resize policy {policy!r}; choose one of {POLICIES}.")
+  if policy not in IMAGE_POLICIES:
+    raise ValueError(f"Unknown image resize policy {policy!r}; choose one of {IMAGE_POLICIES}.")
   if not isinstance(image_size, int) or image_size < 1:
     raise ValueError(f"image_size must be a positive int, got {image_size!r}.")
   if len(pad_color) != 3 or not all(0.0 <= c <= 1.0 for c in pad_color):
@@ -333,7 +332,7 @@ def decode_and_resize(encoded: tf.Tensor, image_size: int, policy: str,
   """Decodes and resizes a list of encoded images.
 
   encoded: tf.string [k] (k >= 0), any format `decode` reads. image_size: S.
-  policy: one of POLICIES. pad_color: RGB in [0, 1] for the 'pad' band
+  policy: one of IMAGE_POLICIES. pad_color: RGB in [0, 1] for the 'pad' band
   (default CLIP's mean). background: RGB ints 0..255 behind transparent
   pixels (default white). Returns tf.uint8 [k, S, S, 3]. Raises ValueError
   for bad arguments (at trace time); an undecodable image raises
