@@ -1,4 +1,4 @@
-"""The private JAX and Orbax APIs this project relies on, each behind one function.
+"""The private JAX, Orbax and SeqIO APIs this project relies on, each behind one function.
 
 Private modules change or vanish between releases without notice: keeping
 every use here makes an upgrade's breakage one file to fix, and each function
@@ -39,3 +39,21 @@ def num_tpu_chips() -> int:
     return int(hardware_utils.num_available_tpu_chips_and_device_id()[0])
   except Exception:  # pylint: disable=broad-except  (a JAX without it: assume none)
     return 0
+
+
+def mixture_sample_fn(mixture: Any) -> Any:
+  """How a seqio.Mixture samples its tasks: (datasets, rates, seed) -> dataset.
+
+  Private: Mixture keeps its (configurable) sampling function in
+  `_sample_fn`; the input pipeline mixes the per-task datasets itself (to tag
+  each record with its task) and must sample exactly as Mixture.get_dataset.
+  Fallback: SeqIO's default, tf.data's sample_from_datasets stopping when a
+  task runs out.
+  """
+  sample = getattr(mixture, "_sample_fn", None)
+  if sample is not None:
+    return sample
+  import functools
+
+  import tensorflow as tf
+  return functools.partial(tf.data.Dataset.sample_from_datasets, stop_on_empty_dataset=True)

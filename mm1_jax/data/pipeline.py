@@ -22,7 +22,6 @@ Batch contract (per host, B = global batch / process count):
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
@@ -33,7 +32,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from mm1_jax import paths
+from mm1_jax import paths, private_apis
 from mm1_jax.data import health as health_lib
 from mm1_jax.data import images as image_ops
 from mm1_jax.data import packing, sources, tasks, tokenizer
@@ -75,8 +74,7 @@ def _task_datasets(provider, config: InputConfig, shard: seqio.ShardInfo
   datasets = [tagged(i, task) for i, task in enumerate(task_list)]
   if not is_mixture:
     return [provider.name], datasets[0]
-  sample = getattr(provider, "_sample_fn", functools.partial(
-      tf.data.Dataset.sample_from_datasets, stop_on_empty_dataset=True))
+  sample = private_apis.mixture_sample_fn(provider)
   # Mixture.get_dataset's seed: the given one, else None to shuffle, else 42.
   seed = config.seed if config.seed is not None else (None if config.shuffle else 42)
   mixed = sample(datasets, [provider.get_rate(task) for task in task_list], seed)
