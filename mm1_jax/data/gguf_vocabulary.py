@@ -145,6 +145,31 @@ def build_tokenizer(path: str, extra_tokens: Sequence[str] = ()):
   return tokenizer
 
 
+@functools.lru_cache(maxsize=8)
+def _read_chat_metadata(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+  del mtime_ns, size  # Only cache keys.
+  import gguf
+
+  reader = gguf.GGUFReader(path)
+
+  def field(key: str) -> Any:
+    found = reader.fields.get(key)
+    return None if found is None else found.contents()
+
+  metadata = {"chat_template": field("tokenizer.chat_template") or "",
+              "bos_token_id": field("tokenizer.ggml.bos_token_id"),
+              "eos_token_id": field("tokenizer.ggml.eos_token_id")}
+  del reader
+  return metadata
+
+
+def chat_metadata(path: str) -> dict[str, Any]:
+  """The GGUF's chat fields: chat_template (Jinja source, "" if none) and the
+  bos / eos token ids (None if absent; a chat model's eos ends a turn)."""
+  stat = os.stat(path)
+  return _read_chat_metadata(path, stat.st_mtime_ns, stat.st_size)
+
+
 class GgufBpeVocabulary(seqio.Vocabulary):
   """seqio vocabulary of a GGUF file's byte-level BPE tokenizer (see module doc).
 
