@@ -7,6 +7,9 @@ import dataclasses
 
 from mm1_jax.typed_config import ConfigError, dataclass_from_dict, require_at_least, to_plain_dict
 
+# data.chat_template values (mm1_jax/data/conversations.py); "" = the vocabulary's own.
+CHAT_TEMPLATES = ("mm1", "gguf", "llava_v1", "plain")
+
 # How an image of another aspect ratio is fitted to the encoder's square
 # (mm1_jax/data/images.py).
 IMAGE_POLICIES = ("stretch", "pad", "crop")
@@ -37,6 +40,12 @@ class InputConfig:
   # = SmolLM2-135M-Instruct's GGUF (49,159 ids: set llm.vocab_size >= that,
   # e.g. 49216, and image_placeholder_id=49152).
   vocabulary: str = ""
+  # How conversation tasks are rendered to tokens (mm1_jax/data/conversations.py):
+  # "mm1" (the <|user|> ... <|end|> role tokens), "gguf" (the GGUF's own
+  # tokenizer.chat_template: ChatML for SmolLM2), "llava_v1" or "plain"
+  # (LLaVA's stage-1 captions); "" = "gguf" for a GGUF vocabulary with a
+  # template, else "mm1". Text tasks are not affected.
+  chat_template: str = ""
   # Per task, the largest fraction of its last 1000 records that may be
   # skipped as bad (undecodable image, missing feature, ...) before the run
   # stops with a DataHealthError naming the task and a bad record; 1 = no
@@ -58,6 +67,13 @@ def validate(config: InputConfig) -> None:
   if not 0.0 <= c.max_skip_fraction <= 1.0:
     raise ConfigError(f"data.max_skip_fraction: {c.max_skip_fraction} is not a fraction; use "
                       "a value in [0, 1] (0.05: stop when over 5% of a task's records are bad).")
+  if c.chat_template and c.chat_template not in CHAT_TEMPLATES:
+    raise ConfigError(f"data.chat_template: unknown template {c.chat_template!r}; use one of "
+                      f"{CHAT_TEMPLATES}, or '' for the vocabulary's own.")
+  if c.chat_template == "gguf" and not c.vocabulary.lower().endswith((".gguf", "smollm2")):
+    raise ConfigError(f"data.chat_template: 'gguf' reads the template of a GGUF vocabulary, "
+                      f"but data.vocabulary is {c.vocabulary!r}; set data.vocabulary to a .gguf "
+                      "file (or 'smollm2'), or use 'mm1' / 'llava_v1'.")
   if c.image_policy not in IMAGE_POLICIES:
     raise ConfigError(f"data.image_policy: unknown policy {c.image_policy!r}; use one of "
                       f"{IMAGE_POLICIES}.")

@@ -46,11 +46,12 @@ import numpy as np
 import seqio
 
 from mm1_jax.data import tokenizer
+from mm1_jax.data.config import CHAT_TEMPLATES
 
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
 ROLES = (SYSTEM, USER, ASSISTANT)
 IMAGE_MARKER = "<image>"
-TEMPLATES = ("mm1", "gguf", "llava_v1", "plain")
+TEMPLATES = CHAT_TEMPLATES
 
 # LLaVA's conv_vicuna_v1 system prompt (llava/conversation.py), used when a
 # conversation brings none.

@@ -56,20 +56,33 @@ class MultimodalFeatureConverter:
         num_image_tokens=model.num_image_tokens)
 
   def prepare(self, example: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
-    """Expanded and fitted example, or None when nothing trainable is left."""
+    """Expanded and fitted example, or None when nothing trainable is left.
+
+    example: tokens int [n], loss_mask [n], images [k, S, S, 3], and for a
+    conversation cut_after bool [n] (its turn ends: where a too long one may
+    be cut). The result has tokens, loss_mask, images and `truncated`
+    (whether the end was cut off to fit).
+    """
     tokens, loss_mask = np.asarray(example["tokens"]), np.asarray(example["loss_mask"])
     images = np.asarray(example["images"])
     if not len(images) and not np.any(tokens[loss_mask > 0] != self.eos_id):
       return None  # An empty record (at most an EOS).
+    cut_after = example.get("cut_after")
+    if cut_after is not None:
+      run_length = self.model.num_image_tokens + (self.start_id is not None) + (
+          self.end_id is not None)
+      cut_after = packing.expand_flags(cut_after, tokens, self.marker_id, run_length)
     tokens, loss_mask = packing.expand_image_markers(
         tokens, loss_mask, self.marker_id, self.model.num_image_tokens, self.start_id,
         self.end_id)
+    expanded_length = len(tokens)
     tokens, loss_mask, images = packing.fit_example(
         tokens, loss_mask, images, self.seq_len, self.model.max_images, self.marker_id,
-        self.start_id, self.end_id, self.model.num_image_tokens)
+        self.start_id, self.end_id, self.model.num_image_tokens, cut_after)
     if not len(tokens):
       return None
-    return {"tokens": tokens, "loss_mask": loss_mask, "images": images}
+    return {"tokens": tokens, "loss_mask": loss_mask, "images": images,
+            "truncated": len(tokens) < expanded_length}
 
   def convert(self, prepared: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     """Adds a prepared example; returns the sequences it completed."""

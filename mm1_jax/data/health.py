@@ -30,8 +30,14 @@ EMPTY_TEXT = "empty text"
 DOES_NOT_FIT = "does not fit the sequence"
 NO_IMAGE_FITS = "no image fits"
 IMAGE_COUNT_MISMATCH = "image count mismatch"
+# Conversations (mm1_jax/data/conversations.py): one the chat template cannot
+# render (unknown role, no assistant turn), and one whose first answer does
+# not fit data.seq_len (longer ones are cut after an answer and counted as
+# truncated, not skipped).
+BAD_CONVERSATION = "bad conversation"
+FIRST_ANSWER_DOES_NOT_FIT = "first answer does not fit"
 REASONS = (UNDECODABLE_IMAGE, MISSING_FEATURE, EMPTY_TEXT, DOES_NOT_FIT, NO_IMAGE_FITS,
-           IMAGE_COUNT_MISMATCH)
+           IMAGE_COUNT_MISMATCH, BAD_CONVERSATION, FIRST_ANSWER_DOES_NOT_FIT)
 
 # Records whose task is unknown: a tf.data error raised upstream of the point
 # where records are tagged with their task.
@@ -76,6 +82,7 @@ class _TaskCounts:
 
   def __init__(self, window: int):
     self.read = self.used = 0
+    self.truncated = 0  # Used, but cut to fit (conversations: after an answer).
     self.skipped: dict[str, int] = collections.Counter()
     self.recent: collections.deque[int] = collections.deque(maxlen=window)
     self.example: dict[str, str] = {}  # reason -> the first offending record.
@@ -110,11 +117,12 @@ class DataHealth:
 
   # --- recording ---------------------------------------------------------------
 
-  def used(self, task: str) -> None:
-    """Counts a record of `task` that went into training."""
+  def used(self, task: str, truncated: bool = False) -> None:
+    """Counts a record of `task` that went into training (`truncated`: cut to fit)."""
     counts = self._task(task)
     counts.read += 1
     counts.used += 1
+    counts.truncated += int(truncated)
     counts.recent.append(0)
 
   def skipped(self, task: str, reason: str, source: str = "", detail: str = "") -> None:
@@ -175,17 +183,21 @@ class DataHealth:
     return sum(c.num_skipped for c in self._tasks.values())
 
   def counts(self) -> dict[str, dict[str, Any]]:
-    """{task: {"read": n, "used": n, "skipped": {reason: n}}} (plain values)."""
-    return {task: {"read": c.read, "used": c.used, "skipped": dict(c.skipped)}
+    """{task: {"read": n, "used": n, "truncated": n, "skipped": {reason: n}}} (plain values)."""
+    return {task: {"read": c.read, "used": c.used, "truncated": c.truncated,
+                   "skipped": dict(c.skipped)}
             for task, c in sorted(self._tasks.items())}
 
   def scalars(self) -> dict[str, float]:
-    """TensorBoard scalars: data/<task>/{read,used,skipped,skipped_<reason>}."""
+    """TensorBoard scalars: data/<task>/{read,used,skipped,skipped_<reason>}, and
+    data/<task>/truncated for a task with truncated examples."""
     out = {}
     for task, c in sorted(self._tasks.items()):
       prefix = f"data/{reason_key(task) if task == UNKNOWN_TASK else task}"
       out[f"{prefix}/read"], out[f"{prefix}/used"] = float(c.read), float(c.used)
       out[f"{prefix}/skipped"] = float(c.num_skipped)
+      if c.truncated:
+        out[f"{prefix}/truncated"] = float(c.truncated)
       for reason, n in sorted(c.skipped.items()):
         out[f"{prefix}/skipped_{reason_key(reason)}"] = float(n)
     return out
@@ -211,7 +223,8 @@ class DataHealth:
     rows = [("task", "read", "used", "skipped", "why skipped")]
     for task, c in sorted(self._tasks.items()):
       why = ", ".join(f"{n} {r}" for r, n in c.skipped.most_common())
-      rows.append((task, str(c.read), str(c.used),
+      used = f"{c.used} ({c.truncated} cut)" if c.truncated else str(c.used)
+      rows.append((task, str(c.read), used,
                    f"{c.num_skipped} ({c.num_skipped / c.read:.1%})", why or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join([row[0].ljust(widths[0])] + [row[i].rjust(widths[i]) for i in (1, 2, 3)]
@@ -222,7 +235,8 @@ class DataHealth:
 
   def state_dict(self) -> dict[str, Any]:
     """JSON-able counts, windows included (so a resumed run checks the same)."""
-    return {task: {"read": c.read, "used": c.used, "skipped": dict(c.skipped),
+    return {task: {"read": c.read, "used": c.used, "truncated": c.truncated,
+                   "skipped": dict(c.skipped),
                    "recent": "".join(map(str, c.recent)), "example": dict(c.example)}
             for task, c in self._tasks.items()}
 
@@ -231,6 +245,7 @@ class DataHealth:
     for task, saved in state.items():
       c = self._task(task)
       c.read, c.used = int(saved["read"]), int(saved["used"])
+      c.truncated = int(saved.get("truncated", 0))
       c.skipped.update({r: int(n) for r, n in saved["skipped"].items()})
       c.recent.extend(int(bit) for bit in saved["recent"])
       c.example.update(saved["example"])

@@ -81,6 +81,15 @@ def expand_image_markers(tokens: Any, loss_mask: Any, marker_id: int, num_image_
   return expanded, expanded_mask
 
 
+def expand_flags(flags: Any, tokens: Any, marker_id: int, run_length: int) -> np.ndarray:
+  """bool [n] per token of unexpanded `tokens` -> bool [n'] per token after
+  expand_image_markers (run_length = its tokens per image); False on runs."""
+  tokens = np.asarray(tokens).reshape(-1)
+  is_marker = tokens == marker_id
+  flags = np.asarray(flags, bool).reshape(-1) & ~is_marker
+  return np.repeat(flags, np.where(is_marker, run_length, 1))
+
+
 def image_runs(tokens: Any, marker_id: int, num_image_tokens: int, start_id: int | None = None,
                end_id: int | None = None) -> np.ndarray:
   """Locates the image runs of expanded tokens.
@@ -135,17 +144,20 @@ def _placeholders_per_image(tokens: np.ndarray, marker_id: int, num_images: int)
 
 def fit_example(tokens: Any, loss_mask: Any, images: Any, length: int, max_images: int,
                 marker_id: int, start_id: int | None = None, end_id: int | None = None,
-                num_image_tokens: int | None = None
+                num_image_tokens: int | None = None, cut_after: Any = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Cuts an expanded example to fit `length` tokens and `max_images` images.
 
   tokens: int [n]; loss_mask: [n]; images: [k, ...] with k == number of runs.
   num_image_tokens: M; None = placeholders / k (pass it when known: without
   start/end ids it is what splits touching runs, and it is checked).
+  cut_after: bool [n] or None: the only places a cut may follow (a
+  conversation's turn ends: never inside an answer); None = anywhere.
   Never splits an image run:
     1. more than max_images runs: cut right before the (max_images+1)-th run;
     2. longer than length: cut at length, or before the run the cut falls in;
-    3. drop trailing runs (a run needs a next token; see module docstring).
+    3. with cut_after: move the cut back to the last allowed place;
+    4. drop trailing runs (a run needs a next token; see module docstring).
   Returns (tokens int32 [n'], loss_mask int32 [n'], images [k', ...]) with
   n' <= length and images a prefix. n' may be 0 (nothing usable is left).
   """
@@ -169,6 +181,9 @@ def fit_example(tokens: Any, loss_mask: Any, images: Any, length: int, max_image
     straddling = (runs[:, 0] < cut) & (runs[:, 1] > cut)
     if straddling.any():
       cut = int(runs[straddling][0, 0])
+  if cut < len(tokens) and cut_after is not None:
+    allowed = np.flatnonzero(np.asarray(cut_after, bool).reshape(-1)[:cut]) + 1
+    cut = int(allowed[-1]) if len(allowed) else 0
   num_kept = int(np.count_nonzero(runs[:, 1] <= cut))
   # A loop: dropping a run leaves the one before it trailing when they touch.
   while num_kept and runs[num_kept - 1, 1] == cut:

@@ -35,7 +35,7 @@ import tensorflow as tf
 from mm1_jax import paths, private_apis
 from mm1_jax.data import health as health_lib
 from mm1_jax.data import images as image_ops
-from mm1_jax.data import packing, sources, tasks, tokenizer
+from mm1_jax.data import conversations, packing, sources, tasks, tokenizer
 from mm1_jax.data.converter import MultimodalFeatureConverter
 from mm1_jax.data.config import InputConfig
 from mm1_jax.models.config import MM1Config
@@ -65,7 +65,13 @@ def _task_datasets(provider, config: InputConfig, shard: seqio.ShardInfo
         shard_info=shard, num_epochs=config.num_epochs, use_cached=False)
 
     def tag(example):
+      # One structure for every task (sampling interleaves them): text tasks
+      # lack the conversation features and conversation tasks the tokens.
       example = {k: v for k, v in example.items() if k in keys}
+      for key in ("inputs", "targets"):
+        example[key] = tf.cast(example.get(key, tf.zeros([0], tf.int32)), tf.int32)
+      for key in tasks.STRING_FEATURES:
+        example.setdefault(key, tf.zeros([0], tf.string))
       example.setdefault(health_lib.PROBLEM_KEY, tf.constant(""))
       example.setdefault(health_lib.SOURCE_KEY, tf.constant(""))
       return {**example, "task": tf.constant(index, tf.int32)}
@@ -99,15 +105,17 @@ def _tf_stream(provider, config: InputConfig, model: MM1Config, shard: seqio.Sha
   image_size = model.encoder.image_size
 
   def tokens(example):
-    inputs = tf.cast(example.get("inputs", tf.zeros([0], tf.int32)), tf.int32)
-    targets = tf.cast(example["targets"], tf.int32)
+    inputs, targets = example["inputs"], example["targets"]
     return {
         "task": example["task"],
         "problem": example[health_lib.PROBLEM_KEY],
         "source": example[health_lib.SOURCE_KEY],
         "tokens": tf.concat([inputs, targets], 0),
         "loss_mask": tf.concat([tf.zeros_like(inputs), tf.ones_like(targets)], 0),
-        "encoded": example.get("images", tf.zeros([0], tf.string)),
+        # A conversation's turns, rendered on the host with the chat template.
+        "roles": example["roles"],
+        "texts": example["texts"],
+        "encoded": example["images"],
     }
 
   def decoded(record):
@@ -166,6 +174,10 @@ class MultimodalInput:
                                      if config.vocabulary else tasks.VOCABULARY)
     self.converter = MultimodalFeatureConverter(model, self.vocabulary, config.seq_len,
                                                 config.pack, config.image_start_end)
+    try:
+      self.chat_template = conversations.get_template(config.chat_template, self.vocabulary)
+    except ValueError as error:
+      raise ConfigError(str(error)) from None
     name = tasks.with_vocabulary(config.mixture, config.vocabulary)
     provider = tasks.get_task_or_mixture(name)
     for source_name in tasks.required_sources(name):
@@ -218,22 +230,49 @@ class MultimodalInput:
       if not bool(record["decoded"]):
         self._skip_undecodable(task, source, record["encoded"].numpy())
         continue
-      tokens, loss_mask = record["tokens"].numpy(), record["loss_mask"].numpy()
       images = record["images"].numpy()
+      example = {"images": images}
+      if len(record["roles"].numpy()):
+        try:
+          example.update(self._render(record, len(images)))
+        except conversations.ConversationError as error:
+          reason = (health_lib.IMAGE_COUNT_MISMATCH if str(error).startswith(
+              health_lib.IMAGE_COUNT_MISMATCH) else health_lib.BAD_CONVERSATION)
+          self.health.skipped(task, reason, source, str(error))
+          continue
+      else:
+        example.update(tokens=record["tokens"].numpy(), loss_mask=record["loss_mask"].numpy())
+      tokens, loss_mask = example["tokens"], example["loss_mask"]
       if not len(images) and not np.any(tokens[loss_mask > 0] != self.converter.eos_id):
         self.health.skipped(task, health_lib.EMPTY_TEXT, source)
         continue
-      example = self.converter.prepare({"tokens": tokens, "loss_mask": loss_mask,
-                                        "images": images})
-      if example is None or not example["loss_mask"].any():
-        # Cut to fit, nothing is left to train on: a too long prompt, or a
-        # prompt that is an image whose run does not fit.
-        no_image = len(images) and (example is None or not len(example["images"]))
-        self.health.skipped(task, health_lib.NO_IMAGE_FITS if no_image
-                            else health_lib.DOES_NOT_FIT, source)
+      prepared = self.converter.prepare(example)
+      if prepared is None or not prepared["loss_mask"].any():
+        # Cut to fit, nothing is left to train on: a too long prompt, a
+        # prompt that is an image whose run does not fit, or a conversation
+        # whose first answer ends past seq_len.
+        no_image = len(images) and (prepared is None or not len(prepared["images"]))
+        reason = (health_lib.FIRST_ANSWER_DOES_NOT_FIT if "cut_after" in example else
+                  health_lib.NO_IMAGE_FITS if no_image else health_lib.DOES_NOT_FIT)
+        self.health.skipped(task, reason, source)
         continue
-      self.health.used(task)
-      return example
+      self.health.used(task, truncated=prepared.pop("truncated"))
+      return prepared
+
+  def _render(self, record, num_images: int) -> dict[str, np.ndarray]:
+    """tokens, loss_mask and cut_after of a conversation record (chat template).
+
+    Raises ConversationError when it cannot be rendered or its image markers
+    do not match its images.
+    """
+    turns = conversations.turns_from_features(record["roles"].numpy(), record["texts"].numpy())
+    tokens, loss_mask, turn_ends = self.chat_template.render(turns)
+    num_markers = int(np.count_nonzero(tokens == self.converter.marker_id))
+    if num_markers != num_images:
+      raise conversations.ConversationError(
+          f"{health_lib.IMAGE_COUNT_MISMATCH}: {num_markers} <image> markers but "
+          f"{num_images} images")
+    return {"tokens": tokens, "loss_mask": loss_mask, "cut_after": turn_ends}
 
   def _skip_undecodable(self, task: str, source: str, encoded: np.ndarray) -> None:
     """Counts a record whose images did not decode, with the decoder's reason.

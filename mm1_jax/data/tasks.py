@@ -1,19 +1,30 @@
 """SeqIO tasks and mixtures over the bundled data, registered on import.
 
-Every task emits the same three features, so any mixture of them feeds the
-multimodal feature converter (mm1_jax/data/pipeline.py):
+Every task has the same feature names, so any mixture of them feeds the
+multimodal feature converter (mm1_jax/data/pipeline.py). A text task fills
 
     inputs   int32 [n_in]  prompt tokens, not trained on (may be empty)
     targets  int32 [n_t]   tokens trained on, EOS appended
     images   string [k]    encoded PNG/JPEG bytes, k >= 0
 
-Each image appears in the text as one IMAGE_MARKER ("<image>") token, in the
-same order as `images`; the converter expands it to the model's run of
-num_image_tokens placeholders.
+and a conversation task (mm1_jax/data/conversations.py) instead fills
 
-Tasks:   easy_vqa_caption, easy_vqa_interleaved, shakespeare_text, easy_vqa_vqa
-Mixtures: mm1_pretrain (interleaved 45 : caption 45 : text 10) and MM1's
-          data-ablation mixtures (see MIXTURES).
+    roles    string [t]    "system" | "user" | "assistant", one per turn
+    texts    string [t]    each turn's text, untokenized
+    images   string [k]
+
+which the pipeline renders with the run's chat template (data.chat_template),
+building the loss mask token by token. Each image appears in the text as one
+IMAGE_MARKER ("<image>"), in the same order as `images`; the converter
+expands it to the model's run of num_image_tokens placeholders.
+
+Tasks:   easy_vqa_caption, easy_vqa_interleaved, shakespeare_text, easy_vqa_vqa,
+          easy_vqa_vqa_documents; conversation tasks easy_vqa_chat,
+          easy_vqa_chat_compare, easy_vqa_caption_chat, chatterbot_chat
+          (mm1_jax/data/instruction_tasks.py)
+Mixtures: mm1_pretrain (interleaved 45 : caption 45 : text 10), MM1's
+          data-ablation mixtures, and llava_stage1 / visual_sft /
+          visual_sft_text (see MIXTURES).
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mm1_jax.data import sources, tokenizer
+from mm1_jax.data import instruction_tasks, sources, tokenizer
 from mm1_jax.data.sources import easy_vqa as _easy_vqa, shakespeare as _shakespeare  # noqa: F401  (registers the TFDS builders)
 
 tf.config.set_visible_devices([], "GPU")
@@ -36,13 +47,29 @@ EASY_VQA, SHAKESPEARE = "mm1_easy_vqa", "mm1_shakespeare"  # Bundled TFDS builde
 VOCABULARY = tokenizer.get_vocabulary()
 
 
-def output_features(vocabulary: seqio.Vocabulary = VOCABULARY) -> dict[str, seqio.Feature]:
+def _strings() -> seqio.Feature:
+  return seqio.Feature(seqio.PassThroughVocabulary(0), dtype=tf.string, rank=1, add_eos=False,
+                       required=False)
+
+
+# Features that stay strings (never tokenized by seqio).
+STRING_FEATURES = ("images", "roles", "texts")
+
+
+def output_features(vocabulary: seqio.Vocabulary = VOCABULARY,
+                    conversation: bool = False) -> dict[str, seqio.Feature]:
+  """The features of every task; `conversation` tasks leave `targets` empty.
+
+  seqio mixes only tasks with the same feature names, so text tasks carry
+  the (absent) conversation features and conversation tasks the text ones.
+  """
   return {
       "inputs": seqio.Feature(vocabulary, add_eos=False, required=False),
-      "targets": seqio.Feature(vocabulary, add_eos=True),
+      "targets": seqio.Feature(vocabulary, add_eos=not conversation, required=not conversation),
       # Encoded bytes, decoded and resized by the converter at the model's resolution.
-      "images": seqio.Feature(seqio.PassThroughVocabulary(0), dtype=tf.string, rank=1,
-                              add_eos=False, required=False),
+      "images": _strings(),
+      "roles": _strings(),
+      "texts": _strings(),
   }
 
 
@@ -51,7 +78,7 @@ OUTPUT_FEATURES = output_features()
 
 def tokenize_text(dataset: tf.data.Dataset, output_features) -> tf.data.Dataset:
   """seqio's tokenize, restricted to the text features (images are bytes too)."""
-  text = {k: v for k, v in output_features.items() if k != "images"}
+  text = {k: v for k, v in output_features.items() if k not in STRING_FEATURES}
   return seqio.preprocessors.tokenize(dataset, text, copy_pretokenized=False)
 
 
@@ -180,7 +207,7 @@ def text_example(example):
 # --- registration ------------------------------------------------------------
 
 TASKS = ("easy_vqa_caption", "easy_vqa_interleaved", "shakespeare_text", "easy_vqa_vqa",
-         "easy_vqa_vqa_documents")
+         "easy_vqa_vqa_documents") + instruction_tasks.TASKS
 
 # MM1's pre-training mixture and its data ablations (interleaved : caption : text).
 MIXTURES = {
@@ -195,6 +222,9 @@ MIXTURES = {
                             "shakespeare_text": 9},
     # Visual instruction tuning: single questions and few-shot-style documents.
     "easy_vqa_sft": {"easy_vqa_vqa": 50, "easy_vqa_vqa_documents": 50},
+    # Conversations (rendered with data.chat_template): llava_stage1, visual_sft,
+    # visual_sft_text; see instruction_tasks.
+    **instruction_tasks.MIXTURES,
 }
 
 
@@ -218,6 +248,7 @@ def register_all(vocabulary: seqio.Vocabulary = VOCABULARY, suffix: str = "") ->
           splits={"train": "train", "test": "validation", "validation": "validation"}),
       preprocessors=[seqio.map_over_dataset(text_example)] + postprocess,
       output_features=features)
+  instruction_tasks.register(output_features(vocabulary, conversation=True), suffix)
   for name, rates in MIXTURES.items():
     seqio.MixtureRegistry.add(name + suffix, [(task + suffix, rate) for task, rate in rates.items()])
 
@@ -268,11 +299,11 @@ def required_sources(name: str) -> set[str]:
     source = task.source
     if isinstance(source, seqio.TfdsDataSource):
       needed.add(source.tfds_dataset.name.split(":")[0])
-  return needed & {EASY_VQA, SHAKESPEARE}
+  return needed & set(sources.BUILDER_MODULES)
 
 
 # Bundled tasks whose examples never carry images (every other task may).
-TEXT_ONLY_TASKS = frozenset({"shakespeare_text"})
+TEXT_ONLY_TASKS = frozenset({"shakespeare_text"}) | instruction_tasks.TEXT_ONLY_TASKS
 
 
 def has_images(name: str) -> bool:

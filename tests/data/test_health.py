@@ -27,8 +27,8 @@ def test_counts_scalars_and_texts():
   health.skipped("caps", health_lib.UNDECODABLE_IMAGE, "a.tfrecord:3", "bad PNG")
   health.used("text")
   assert health.counts() == {
-      "caps": {"read": 4, "used": 3, "skipped": {"undecodable image": 1}},
-      "text": {"read": 1, "used": 1, "skipped": {}}}
+      "caps": {"read": 4, "used": 3, "truncated": 0, "skipped": {"undecodable image": 1}},
+      "text": {"read": 1, "used": 1, "truncated": 0, "skipped": {}}}
   assert health.scalars() == {
       "data/caps/read": 4.0, "data/caps/used": 3.0, "data/caps/skipped": 1.0,
       "data/caps/skipped_undecodable_image": 1.0,
@@ -154,7 +154,7 @@ def test_a_task_whose_images_are_all_undecodable_stops_the_mixture(register):
   assert "task 'health_broken' gave no usable example in its first 100 records" in message
   assert "100 undecodable image" in message and f"({path}:0)" in message
   counts = source.health.counts()
-  assert counts["health_broken"] == {"read": 100, "used": 0,
+  assert counts["health_broken"] == {"read": 100, "used": 0, "truncated": 0,
                                      "skipped": {"undecodable image": 100}}
   assert counts["health_good"]["skipped"] == {}
 
@@ -195,7 +195,8 @@ def test_a_document_may_omit_its_empty_image_list(register):
   register("health_text_docs", [example_proto({"text": "just words"})], kind="docs")
   source = make_input(config("health_text_docs", shuffle=False, num_epochs=1))
   assert len(list(source)) == 1
-  assert source.health.counts()["health_text_docs"] == {"read": 1, "used": 1, "skipped": {}}
+  assert source.health.counts()["health_text_docs"] == {"read": 1, "used": 1, "truncated": 0,
+                                                             "skipped": {}}
 
 
 @pytest.mark.parametrize("kind, last, reason", [
@@ -210,7 +211,7 @@ def test_a_bad_record_at_the_end_of_a_finite_stream_is_counted(register, kind, l
   source = make_input(config("health_tail", shuffle=False, num_epochs=1))
   assert len(list(source)) >= 1
   assert source.health.counts() == {
-      "health_tail": {"read": 5, "used": 4, "skipped": {reason: 1}}}
+      "health_tail": {"read": 5, "used": 4, "truncated": 0, "skipped": {reason: 1}}}
   assert f"{path}:4" in source.health.state_dict()["health_tail"]["example"][reason]
 
 
@@ -224,7 +225,7 @@ def test_a_record_that_cannot_fit_is_counted(register, prompt, seq_len, reason):
   register("health_long", [caption(0)], prompt=prompt)
   source = make_input(config("health_long", shuffle=False, num_epochs=1, seq_len=seq_len))
   assert list(source) == []
-  assert source.health.counts()["health_long"] == {"read": 1, "used": 0,
+  assert source.health.counts()["health_long"] == {"read": 1, "used": 0, "truncated": 0,
                                                    "skipped": {reason: 1}}
 
 

@@ -229,8 +229,10 @@ def test_user_tasks_over_files_with_bad_records_skipped_and_counted(tmp_path, fi
     assert skipped == 3  # Garbage bytes, a truncated PNG, an empty record.
     assert kept == 6 + 2
     assert counts == {
-        f"test_caps_{suffix}": {"read": 8, "used": 6, "skipped": {"undecodable image": 2}},
-        f"test_docs_{suffix}": {"read": 3, "used": 2, "skipped": {"empty text": 1}}}
+        f"test_caps_{suffix}": {"read": 8, "used": 6, "truncated": 0,
+                                "skipped": {"undecodable image": 2}},
+        f"test_docs_{suffix}": {"read": 3, "used": 2, "truncated": 0,
+                                "skipped": {"empty text": 1}}}
     images = np.concatenate([b["images"][b["image_mask"]] for b in found])
     assert len(images) == 6 + 3
     for batch in found:

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from mm1_jax.data import sources
-from mm1_jax.data.sources import easy_vqa, shakespeare
+from mm1_jax.data.sources import chatterbot, easy_vqa, shakespeare
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +24,11 @@ def easy_vqa_builder(data_dir):
 @pytest.fixture(scope="session")
 def shakespeare_builder(data_dir):
   return sources.prepare("mm1_shakespeare", data_dir)  # ~2 s.
+
+
+@pytest.fixture(scope="session")
+def chatterbot_builder(data_dir):
+  return sources.prepare("mm1_chatterbot", data_dir)  # ~1 s.
 
 
 def _examples(builder, split):
@@ -156,15 +161,61 @@ def test_shakespeare_splits_a_long_speech_between_lines():
   assert all(60 <= len(p.split()) <= 200 for p in passages)
 
 
+def test_chatterbot_dialogues(chatterbot_builder):
+  splits = {split: _examples(chatterbot_builder, split) for split in ("train", "test")}
+  assert len(splits["test"]) > 30 and len(splits["train"]) > 8 * len(splits["test"])
+  assert set(chatterbot_builder.info.features) == {"utterances", "topic"}
+  prompts = {}
+  for split, examples in splits.items():
+    for example in examples:
+      utterances = [_text(u) for u in example["utterances"]]
+      assert len(utterances) >= 2 and len(utterances) % 2 == 0 and all(utterances)
+      prompts.setdefault(split, set()).add(utterances[0].lower())
+  assert not prompts["train"] & prompts["test"]
+  assert "tech_support" in {_text(e["topic"]) for e in splits["train"] + splits["test"]}
+
+
+def test_chatterbot_reader_converts_or_skips_odd_values_and_counts(tmp_path):
+  (tmp_path / "a.yml").write_text(
+      "categories: [test]\n"
+      "conversations:\n"
+      "- - What year?\n"             # Unquoted number and yes: kept as written.
+      "  - 1984\n"
+      "- - Are you sure?\n"
+      "  - yes\n"
+      "  - Really?\n"                # No reply: this last utterance is dropped.
+      "- - Only a question\n"        # No reply at all: skipped.
+      "- A plain string entry\n"     # Not a list: skipped.
+      "- - Nested\n"
+      "  - [a, b]\n"                 # Not text: skipped.
+      "- - Empty\n"
+      "  -\n"                        # Empty: skipped.
+      "- - Show me <image>\n"        # Would read as an image placeholder: skipped.
+      "  - No.\n"
+      "- - What year?\n"
+      "  - 1984\n")                  # A repeat: skipped.
+  (tmp_path / "b.yml").write_text("categories: [none]\n")  # No conversations.
+  (tmp_path / "notes.txt").write_text("- - ignored\n  - too\n")
+  kept, skipped = chatterbot.read_conversations(str(tmp_path))
+  assert [(c.topic, c.index, c.utterances) for c in kept] == [
+      ("a", 0, ("What year?", "1984")), ("a", 1, ("Are you sure?", "yes"))]
+  assert skipped == {"last utterance without a reply (dropped)": 1, "no reply": 1,
+                     "not a list": 1, "empty or non-text utterance": 2,
+                     "repeat of an earlier conversation": 1, "image marker in the text": 1}
+  assert chatterbot.utterance_text(3.5) == "3.5" and chatterbot.utterance_text(True) is None
+  assert chatterbot.split_of(kept[0]) in ("train", "test")
+
+
 def _files(directory):
   return {os.path.join(root, name): os.stat(os.path.join(root, name)).st_mtime_ns
           for root, _, names in os.walk(directory) for name in names}
 
 
-def test_preparing_twice_reuses_the_cache(easy_vqa_builder, shakespeare_builder, data_dir):
+def test_preparing_twice_reuses_the_cache(easy_vqa_builder, shakespeare_builder,
+                                          chatterbot_builder, data_dir):
   before = _files(data_dir)
   start = time.perf_counter()
-  for name in ("mm1_easy_vqa", "mm1_shakespeare"):
+  for name in ("mm1_easy_vqa", "mm1_shakespeare", "mm1_chatterbot"):
     builder = sources.prepare(name, data_dir)
     assert builder.data_dir.endswith(os.path.join(name, "1.0.0"))
   assert time.perf_counter() - start < 2.0
