@@ -5,13 +5,24 @@
 gives the dense LLM; the default is MoE (8 experts, top-2, every 2nd layer).
 Float32: bfloat16 matmuls are slow on CPUs. Trains on mm1_pretrain (bundled
 easy-vqa + Shakespeare) with the bundled 4k tokenizer.
+
+`--config=configs/tiny.py:sft` instruction-tunes a pre-trained tiny run on
+the bundled conversations (visual_sft, the bundled tokenizer's <|user|> /
+<|assistant|> template, loss on the answers only; encoder frozen), starting
+from workdirs/tiny (or `from_workdir=DIR`):
+
+    make train
+    python -m mm1_jax.train --config=configs/tiny.py:sft --workdir=workdirs/tiny_sft
+    python -m mm1_jax.chat --config=configs/tiny.py:sft --workdir=workdirs/tiny_sft \
+        --image=shape.png --prompt="What shape is this?"
 """
 
 from mm1_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, dense=False, moe=False, dispatch="dropless")
+  arg = config_lib.parse_arg(arg, dense=False, moe=False, dispatch="dropless", sft=False,
+                             from_workdir="")
   config = config_lib.base_config()
   model = config.model
   model.update(dtype="float32", param_dtype="float32", max_images=4, image_placeholder_id=3)
@@ -27,4 +38,9 @@ def get_config(arg=None):
   # About 10 minutes on 2 CPU cores (`make train`).
   config.train.update(num_steps=300, log_every=10, checkpoint_every=100)
   config.optimizer.update(learning_rate=1e-3, warmup_steps=30, weight_decay=0.1)
+  if arg.sft:
+    config.data.update(mixture="visual_sft", chat_template="mm1")
+    model.freeze_encoder = True
+    config.optimizer.update(freeze=("encoder",), learning_rate=3e-4)
+    config.init_from = arg.from_workdir or "workdirs/tiny"
   return config

@@ -53,6 +53,10 @@ ROLES = (SYSTEM, USER, ASSISTANT)
 IMAGE_MARKER = "<image>"
 TEMPLATES = CHAT_TEMPLATES
 
+# Appended to a question whose expected answer is one word, in training data
+# and in chat-format VQA evaluation alike (LLaVA-1.5's short-answer prompt).
+SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word."
+
 # LLaVA's conv_vicuna_v1 system prompt (llava/conversation.py), used when a
 # conversation brings none.
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "

@@ -45,7 +45,7 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mm1_jax.data import sources
+from mm1_jax.data import conversations, sources
 from mm1_jax.data.sources import chatterbot, easy_vqa
 
 # tasks.IMAGE_MARKER and the roles conversations.py renders (spelled out here:
@@ -143,8 +143,13 @@ def chat_conversation(example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
   chosen = tf.range(n) * count // n  # Increasing, distinct: i * count / n.
   asked = _capitalized(tf.gather(questions, chosen))
   asked = tf.concat([[IMAGE_MARKER + "\n" + asked[0]], asked[1:]], 0)
-  return {**_turns(asked, phrase_answers(tf.gather(answers, chosen), image_id), image_id),
-          "images": tf.reshape(example["image"], [1])}
+  answers = tf.gather(answers, chosen)
+  phrased = phrase_answers(answers, image_id)
+  # A bare-word answer follows the short-answer instruction (LLaVA-1.5's
+  # VQA format), so an instruction-tuned model answers VQA in one word.
+  asked = tf.where(tf.equal(phrased, answers),
+                   asked + "\n" + conversations.SHORT_ANSWER_INSTRUCTION, asked)
+  return {**_turns(asked, phrased, image_id), "images": tf.reshape(example["image"], [1])}
 
 
 # --- easy_vqa_chat_compare -------------------------------------------------------------

