@@ -264,9 +264,13 @@ def with_vocabulary(name: str, vocabulary_path: str | None) -> str:
   .gguf file, or the alias "smollm2" (see tokenizer.get_vocabulary). The
   bundled tasks are registered again, once, under a suffix derived from the
   file's name (the alias's file for an alias, so both share one
-  registration), so a config can swap tokenizers with one field.
+  registration), so a config can swap tokenizers with one field. A task or
+  mixture of conversation tasks only is returned as it is: its text is
+  tokenized by the pipeline's chat template, with the run's vocabulary.
   """
   if not vocabulary_path:
+    return name
+  if name not in set(TASKS) | set(MIXTURES) and _all_conversation_tasks(name):
     return name
   path = tokenizer.resolve_vocabulary_path(vocabulary_path)
   if os.path.abspath(path) == tokenizer.DEFAULT_MODEL:
@@ -279,6 +283,17 @@ def with_vocabulary(name: str, vocabulary_path: str | None) -> str:
     if "mm1_pretrain" + suffix not in seqio.MixtureRegistry.names():
       register_all(tokenizer.get_vocabulary(path), suffix)
   return name + suffix
+
+
+def is_conversation_task(task: seqio.Task) -> bool:
+  """Whether `task` emits roles/texts (output_features(conversation=True))."""
+  return not task.output_features["targets"].required
+
+
+def _all_conversation_tasks(name: str) -> bool:
+  provider = get_task_or_mixture(name)
+  tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  return all(is_conversation_task(task) for task in tasks)
 
 
 def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:

@@ -26,7 +26,13 @@ written, what was skipped and why (no caption, empty caption, a captions row
 whose image file is missing, unreadable image bytes), with counts per reason
 and the first paths of each. An --output that is a directory (or ends in
 "/") gets files named "records-...". array_record needs the array_record
-package (installed with requirements.txt) and a local --output.
+package (installed with requirements.txt) and a local --output. Files are
+written as "....partial" and renamed when complete, so an interrupted run
+leaves nothing a task would read.
+
+One importer family: mm1_jax.data.import_llava (LLaVA conversations) shares
+this module's writing half (ShardedWriter, SkipLog, check_image, the report
+and the output flags).
 """
 
 from __future__ import annotations
@@ -140,8 +146,9 @@ def read_captions_file(captions: str) -> list[tuple[str, str]]:
   return [(str(row.get(path_key) or ""), str(row.get(caption_key) or "")) for row in rows]
 
 
-def _resolve(root, written: str) -> str:
-  """A captions row's path as find_images spells it (absolute, normalised)."""
+def resolve_path(root, written: str) -> str:
+  """A path written in a captions row (or a LLaVA record), relative to root
+  or absolute, as find_images spells it (absolute, normalised)."""
   from mm1_jax import paths
 
   if not written or paths.is_remote(written):
@@ -173,7 +180,7 @@ def find_pairs(images_dir: str, captions: str | None = None
     root = paths.as_path(images_dir)
     listed = set()
     for written, caption in read_captions_file(captions):
-      image = _resolve(root, written)
+      image = resolve_path(root, written)
       listed.add(image)
       if not written or not paths.as_path(image).exists():
         skipped[MISSING_IMAGE].append(written or "<empty path>")
@@ -209,7 +216,7 @@ def check_image(data: bytes) -> tuple[bytes | None, bool]:
     return None, False
 
 
-# --- writing -------------------------------------------------------------------------
+# --- writing (shared with mm1_jax.data.import_llava) ----------------------------------
 
 def output_prefix(output: str) -> str:
   """The path prefix of the files: output itself, or output/records for a directory."""
@@ -230,6 +237,31 @@ def split_pattern(prefix: str, split: str, file_format: str) -> str:
   return f"{prefix}-{split}-*.{file_format}"
 
 
+def check_output_arguments(output: str, file_format: str, num_shards: int,
+                           eval_fraction: float, train_split: str, eval_split: str) -> None:
+  """Raises ValueError naming the flag for arguments no importer can write."""
+  from mm1_jax import paths
+
+  if file_format not in FILE_FORMATS:
+    raise ValueError(f"--file_format={file_format!r} is not one of {FILE_FORMATS}.")
+  if file_format == "array_record":
+    try:
+      import array_record.python.array_record_module  # noqa: F401
+    except ImportError:
+      raise ValueError("--file_format=array_record needs the array_record package "
+                       "(pip install array_record); or use tfrecord.") from None
+    if paths.is_remote(output):
+      raise ValueError(f"--output {output}: array_record files are written locally only; "
+                       "write them here and copy them, or use tfrecord.")
+  if num_shards < 1:
+    raise ValueError(f"--num_shards must be >= 1, got {num_shards}.")
+  if not 0 <= eval_fraction < 1:
+    raise ValueError(f"--eval_fraction must be in [0, 1), got {eval_fraction}.")
+  if eval_fraction and train_split == eval_split:
+    raise ValueError(f"the train and eval splits must have different names, both are "
+                     f"{train_split!r}.")
+
+
 class _Writer:
   """Serialized records to one file of either format."""
 
@@ -247,6 +279,117 @@ class _Writer:
 
   def close(self) -> None:
     self._writer.close()
+
+
+PARTIAL_SUFFIX = ".partial"
+
+
+class ShardedWriter:
+  """One split's records, dealt round-robin to at most num_shards files.
+
+  Record k goes to shard k % num_shards, so records can stream in without
+  their count being known. Files open as their first record arrives and are
+  written under temporary names ({prefix}-{split}-{i:05d}.{format}.partial,
+  which no split pattern matches); close() renames them to
+  shard_names(prefix, split, n, file_format), n = min(num_shards, records),
+  and deletes the split's files an earlier run with another n left. A run
+  that stops half-way (abort()) thus leaves nothing a task would read.
+  """
+
+  def __init__(self, prefix: str, split: str, num_shards: int, file_format: str):
+    self.prefix, self.split = prefix, split
+    self.num_shards, self.file_format = num_shards, file_format
+    self.records = 0
+    self._writers: list[_Writer] = []
+
+  def _partial_name(self, shard: int) -> str:
+    return f"{self.prefix}-{self.split}-{shard:05d}.{self.file_format}{PARTIAL_SUFFIX}"
+
+  def write(self, record: bytes) -> None:
+    shard = self.records % self.num_shards
+    if shard == len(self._writers):
+      self._writers.append(_Writer(self._partial_name(shard), self.file_format))
+    self._writers[shard].write(record)
+    self.records += 1
+
+  def _close_writers(self) -> list[str]:
+    for writer in self._writers:
+      writer.close()
+    names = [self._partial_name(shard) for shard in range(len(self._writers))]
+    self._writers = []
+    return names
+
+  def abort(self) -> list[str]:
+    """Closes the files, leaving them under their .partial names; returns those."""
+    return self._close_writers()
+
+  def close(self) -> list[str]:
+    """Closes and renames the files; returns their names ([] without records)."""
+    from mm1_jax import paths
+
+    partial = self._close_writers()
+    names = shard_names(self.prefix, self.split, len(partial), self.file_format)
+    for temporary, name in zip(partial, names):
+      paths.as_path(temporary).replace(name)
+    # Files of this split's naming scheme this run did not write: an earlier
+    # run's shards with another count would match the split's pattern.
+    scheme = re.compile(
+        re.escape(os.path.basename(f"{self.prefix}-{self.split}-")) + r"\d{5}(-of-\d{5})?\." +
+        re.escape(self.file_format) + "(" + re.escape(PARTIAL_SUFFIX) + ")?$")
+    folder = paths.as_path(self.prefix).parent
+    for stale in folder.glob(os.path.basename(self.prefix) + "-*"):
+      if scheme.match(stale.name) and os.fspath(stale) not in names:
+        stale.unlink()
+    return names
+
+
+def write_report(prefix: str, report: Mapping):
+  """Writes {prefix}-report.json; returns its path."""
+  from mm1_jax import paths
+
+  return paths.write_json(prefix + "-report.json", report, indent=2)
+
+
+class SkipLog:
+  """Skipped inputs per reason: counts and the first EXAMPLES_PER_REASON examples.
+
+  meanings: {reason: what it means}, in the order reported; examples_key
+  names the report's list ("paths" here, "examples" for LLaVA records).
+  """
+
+  def __init__(self, meanings: Mapping[str, str], examples_key: str = "paths"):
+    self.meanings, self.examples_key = meanings, examples_key
+    self.counts: dict[str, int] = collections.Counter()
+    self.examples: dict[str, list] = collections.defaultdict(list)
+
+  def add(self, reason: str, example) -> None:
+    if reason not in self.meanings:
+      raise KeyError(f"unknown skip reason {reason!r}; known: {list(self.meanings)}")
+    self.counts[reason] += 1
+    if len(self.examples[reason]) < EXAMPLES_PER_REASON:
+      self.examples[reason].append(example)
+
+  @property
+  def total(self) -> int:
+    return sum(self.counts.values())
+
+  def report(self) -> dict[str, dict]:
+    """{reason: {"count", "meaning", examples_key: first examples}}, reasons seen only."""
+    return {reason: {"count": self.counts[reason], "meaning": meaning,
+                     self.examples_key: list(self.examples[reason])}
+            for reason, meaning in self.meanings.items() if self.counts[reason]}
+
+
+def log_skipped(skipped: Mapping[str, Mapping], log, examples_key: str = "paths",
+                shown=str) -> None:
+  """Logs a SkipLog report: the total, then per reason its count, meaning and
+  first three examples (shown(example) -> str)."""
+  total = sum(info["count"] for info in skipped.values())
+  log(f"skipped: {total}" + ("" if total else " (nothing)"))
+  for reason, info in skipped.items():
+    text = ", ".join(shown(example) for example in info[examples_key][:3])
+    log(f"  {reason}: {info['count']} ({info['meaning']}): {text}"
+        + (", ..." if info["count"] > 3 else ""))
 
 
 def to_example(image: bytes, caption: str, image_key: str, text_key: str) -> bytes:
@@ -293,28 +436,16 @@ def write_records(images_dir: str, output: str, *, captions: str | None = None,
   """
   from mm1_jax import paths
 
-  if file_format not in FILE_FORMATS:
-    raise ValueError(f"--file_format={file_format!r} is not one of {FILE_FORMATS}.")
-  if file_format == "array_record":
-    try:
-      import array_record.python.array_record_module  # noqa: F401
-    except ImportError:
-      raise ValueError("--file_format=array_record needs the array_record package "
-                       "(pip install array_record); or use tfrecord.") from None
-    if paths.is_remote(output):
-      raise ValueError(f"--output {output}: array_record files are written locally only; "
-                       "write them here and copy them, or use tfrecord.")
-  if num_shards < 1:
-    raise ValueError(f"--num_shards must be >= 1, got {num_shards}.")
-  if not 0 <= eval_fraction < 1:
-    raise ValueError(f"--eval_fraction must be in [0, 1), got {eval_fraction}.")
+  check_output_arguments(output, file_format, num_shards, eval_fraction, train_split,
+                         eval_split)
   if image_key == text_key:
     raise ValueError(f"--image_key and --text_key must differ, both are {image_key!r}.")
-  if eval_fraction and train_split == eval_split:
-    raise ValueError(f"the train and eval splits must have different names, both are "
-                     f"{train_split!r}.")
 
-  pairs, skipped = find_pairs(images_dir, captions)
+  pairs, skipped_paths = find_pairs(images_dir, captions)
+  skipped = SkipLog(REASONS)
+  for reason, skipped_in in skipped_paths.items():
+    for path in skipped_in:
+      skipped.add(reason, path)
   # Decode each image once, before the split: unreadable files must not count.
   readable, converted = {}, set()
   for image in sorted({pair.image for pair in pairs}):
@@ -323,7 +454,7 @@ def write_records(images_dir: str, output: str, *, captions: str | None = None,
     if reencoded:
       converted.add(image)
     if data is None:
-      skipped.setdefault(UNREADABLE_IMAGE, []).append(image)
+      skipped.add(UNREADABLE_IMAGE, image)
   pairs = [pair for pair in pairs if readable[pair.image]]
 
   prefix = output_prefix(output)
@@ -331,26 +462,18 @@ def write_records(images_dir: str, output: str, *, captions: str | None = None,
   splits = assign_splits(pairs, eval_fraction, seed, train_split, eval_split) if pairs else {}
   written = {}
   for split, split_pairs in splits.items():
-    shards = min(num_shards, len(split_pairs))
-    names = shard_names(prefix, split, shards, file_format)
-    # A rerun with another shard count: its old shards would match the pattern.
-    shard_name = re.compile(re.escape(os.path.basename(f"{prefix}-{split}-")) +
-                            r"\d{5}-of-\d{5}\." + file_format + "$")
-    for stale in paths.as_path(prefix).parent.glob(os.path.basename(prefix) + "-*"):
-      if shard_name.match(stale.name) and os.fspath(stale) not in names:
-        stale.unlink()
-    for shard, name in enumerate(names):
-      writer = _Writer(name, file_format)
-      try:
-        for pair in split_pairs[shard::shards]:
-          data = paths.as_path(pair.image).read_bytes()
-          if pair.image in converted:
-            data, _ = check_image(data)
-          writer.write(to_example(data, pair.caption, image_key, text_key))
-      finally:
-        writer.close()
-    written[split] = {"pattern": split_pattern(prefix, split, file_format), "files": names,
-                      "records": len(split_pairs),
+    writer = ShardedWriter(prefix, split, num_shards, file_format)
+    try:
+      for pair in split_pairs:
+        data = paths.as_path(pair.image).read_bytes()
+        if pair.image in converted:
+          data, _ = check_image(data)
+        writer.write(to_example(data, pair.caption, image_key, text_key))
+    except BaseException:
+      writer.abort()
+      raise
+    written[split] = {"pattern": split_pattern(prefix, split, file_format),
+                      "files": writer.close(), "records": len(split_pairs),
                       "images": len({pair.image for pair in split_pairs})}
 
   report = {
@@ -359,11 +482,8 @@ def write_records(images_dir: str, output: str, *, captions: str | None = None,
       "file_format": file_format, "features": {"image": image_key, "text": text_key},
       "num_shards": num_shards, "eval_fraction": eval_fraction, "seed": seed,
       "splits": written, "records": sum(s["records"] for s in written.values()),
-      "reencoded_as_png": len(converted),
-      "skipped": {reason: {"count": len(skipped[reason]), "meaning": REASONS[reason],
-                           "paths": skipped[reason][:EXAMPLES_PER_REASON]}
-                  for reason in REASONS if skipped.get(reason)}}
-  report_path = paths.write_json(prefix + "-report.json", report, indent=2)
+      "reencoded_as_png": len(converted), "skipped": skipped.report()}
+  report_path = write_report(prefix, report)
   _log_report(report, report_path, log)
   if not written:
     raise ValueError(f"no usable captioned images in {images_dir}; see {report_path}.")
@@ -387,11 +507,7 @@ def _log_report(report: Mapping, report_path, log) -> None:
   if report["reencoded_as_png"]:
     log(f"re-encoded as PNG (formats tf.io.decode_image does not read): "
         f"{report['reencoded_as_png']} image(s)")
-  total = sum(info["count"] for info in report["skipped"].values())
-  log(f"skipped: {total}" + ("" if total else " (nothing)"))
-  for reason, info in report["skipped"].items():
-    shown = ", ".join(info["paths"][:3]) + (", ..." if info["count"] > 3 else "")
-    log(f"  {reason}: {info['count']} ({info['meaning']}): {shown}")
+  log_skipped(report["skipped"], log)
   log(f"Wrote {report_path}")
   if report["splits"]:
     log("Register them in your tasks module:\n" + task_snippet(report))
@@ -399,24 +515,36 @@ def _log_report(report: Mapping, report_path, log) -> None:
 
 # --- the command ---------------------------------------------------------------------
 
+def define_output_flags(file_format: str, held_out: str) -> None:
+  """The flags of every importer's output: --output, sharding, splits, format.
+
+  file_format: the default --file_format; held_out: what --eval_fraction
+  is a fraction of ("images", "conversations").
+  """
+  from absl import flags
+
+  flags.DEFINE_string("output", None, "Prefix of the files (e.g. records/photos), or a "
+                      "directory; local or gs://.")
+  flags.DEFINE_integer("num_shards", 1, "Files per split (at most one per record); give at "
+                       "least as many as the hosts that train.", lower_bound=1)
+  flags.DEFINE_float("eval_fraction", 0.0, f"Fraction of the {held_out} held out as the eval "
+                     "split (0: only a train split).", lower_bound=0.0, upper_bound=0.99)
+  flags.DEFINE_integer("seed", 0, "Seed of the eval split (and of the record order where "
+                       "records are shuffled).")
+  flags.DEFINE_enum("file_format", file_format, list(FILE_FORMATS), "Record file format.")
+  flags.DEFINE_string("train_split", "train", "Name of the train split in the file names.")
+  flags.DEFINE_string("eval_split", "validation", "Name of the eval split in the file names.")
+
+
 def define_flags() -> None:
   from absl import flags
 
   flags.DEFINE_string("images_dir", None, "Folder of images (searched recursively).")
   flags.DEFINE_string("captions", None, "A .csv (header: path,caption) or .jsonl file of "
                       "captions; default: a .txt sidecar next to each image.")
-  flags.DEFINE_string("output", None, "Prefix of the files (e.g. records/photos), or a "
-                      "directory; local or gs://.")
-  flags.DEFINE_integer("num_shards", 1, "Files per split (at most one per record); give at "
-                       "least as many as the hosts that train.", lower_bound=1)
-  flags.DEFINE_float("eval_fraction", 0.0, "Fraction of the images held out as the eval "
-                     "split (0: only a train split).", lower_bound=0.0, upper_bound=0.99)
-  flags.DEFINE_integer("seed", 0, "Seed of the record order and the eval split.")
-  flags.DEFINE_enum("file_format", "tfrecord", list(FILE_FORMATS), "Record file format.")
+  define_output_flags("tfrecord", "images")
   flags.DEFINE_string("image_key", "image", "tf.Example feature of the image bytes.")
   flags.DEFINE_string("text_key", "text", "tf.Example feature of the caption.")
-  flags.DEFINE_string("train_split", "train", "Name of the train split in the file names.")
-  flags.DEFINE_string("eval_split", "validation", "Name of the eval split in the file names.")
 
 
 def main(argv: Sequence[str]) -> None:

@@ -217,3 +217,25 @@ def test_cli_writes_shards_and_reports_skips_and_errors_in_one_line(tmp_path):
   assert result.stderr.strip().splitlines()[-1] == (
       f"Error: --images_dir {tmp_path / 'nowhere'}: no such directory.")
   assert "Traceback" not in result.stderr
+
+
+def test_the_sharded_writer_deals_records_round_robin_and_renames_when_complete(tmp_path):
+  import tensorflow as tf
+
+  prefix = str(tmp_path / "x")
+  stopped = wr.ShardedWriter(prefix, "train", 4, "tfrecord")
+  for i in range(6):
+    stopped.write(b"old %d" % i)
+  partial = stopped.abort()  # An interrupted run: nothing matches the split's pattern.
+  assert partial == [f"{prefix}-train-0000{i}.tfrecord.partial" for i in range(4)]
+  assert not tf.io.gfile.glob(wr.split_pattern(prefix, "train", "tfrecord"))
+
+  for shards, records, expected in ((4, 3, [[0], [1], [2]]), (2, 5, [[0, 2, 4], [1, 3]])):
+    writer = wr.ShardedWriter(prefix, "train", shards, "tfrecord")
+    for i in range(records):
+      writer.write(b"record %d" % i)
+    names = writer.close()  # min(shards, records) files; the old .partial ones removed.
+    assert names == wr.shard_names(prefix, "train", len(expected), "tfrecord")
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(n) for n in names)
+    assert [[r.numpy() for r in tf.data.TFRecordDataset(n)] for n in names] == [
+        [b"record %d" % i for i in shard] for shard in expected]
