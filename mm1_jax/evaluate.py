@@ -3,7 +3,7 @@
     python -m mm1_jax.evaluate --config=configs/tiny.py --workdir=workdirs/tiny \
         [--shots=0,4,8] [--tasks=easy_vqa_vqa,easy_vqa_caption] [--max_queries=500] \
         [--untrained] [--output=PATH] [--batch_size=16 --seed=0 --import=my_project.tasks] \
-        [--num_examples=3] [--split=validation]
+        [--num_examples=3] [--split=validation] [--prompt_format=fewshot|chat]
 
 Use the config (and overrides) the run was trained with: a checkpoint of
 another config is refused with the same message as training. --untrained
@@ -17,12 +17,22 @@ demonstrations always come from "train". Every VQA task also
 gets the question-only prior (the most frequent train answer of each
 question string, no image) as setting "question_prior".
 
+--prompt_format=chat (default: config.eval.prompt_format, "fewshot")
+evaluates an instruction-tuned run with 0-shot prompts in its chat template
+(data.chat_template): a VQA query is the conversation [user:
+"<image>\n{question}\nAnswer the question using a single word."], a caption
+query [user: "<image>\nDescribe the image briefly."], each with the
+assistant header after it; the answer ends at the template's stop ids.
+Only 0-shot: shots > 0 are refused (pass --shots=0). Its setting is
+"0shot_chat", and its report step_{step}_chat.json.
+
 Writes a JSON report (default {workdir}/eval/step_{step}.json, or
 step_0_untrained.json) with the metrics, example answers per setting (3, or
---num_examples; 0 keeps all, for error analysis) and the settings used;
-TensorBoard scalars into the workdir (the training
-run's event files), tagged eval/<task>/<k>shot/<metric> at the checkpoint's
-step (0 for --untrained); and prints a table (metrics x 100).
+--num_examples; 0 keeps all, for error analysis) and the settings used (the
+prompt format and, for chat, the template among them); TensorBoard scalars
+into the workdir (the training run's event files), tagged
+eval/<task>/<k>shot/<metric> at the checkpoint's step (0 for --untrained);
+and prints a table (metrics x 100).
 """
 
 from __future__ import annotations
@@ -64,25 +74,40 @@ def define_flags() -> None:
   flags.DEFINE_string("split", None, "Split the queries come from, e.g. validation "
                       "(default: each task's 'test', else its 'validation'); demonstrations "
                       "come from 'train'.")
+  flags.DEFINE_enum("prompt_format", None, ["fewshot", "chat"],
+                    "fewshot: MM1's k-shot prompts; chat: 0-shot instructions in the run's "
+                    "chat template (data.chat_template), with --shots=0 "
+                    "(default: config.eval.prompt_format).")
   flags.DEFINE_list("import", [], "Modules to import first, e.g. ones that register "
                     "SeqIO tasks of your own.")
 
 
 def settings(experiment, tasks=None, shots=None, max_queries=None, batch_size=None, seed=None,
-             num_examples=None, split=None) -> dict:
+             num_examples=None, split=None, prompt_format=None) -> dict:
   """The evaluation settings: the flags given, else experiment.eval's values
-  (split: None, each task's default evaluation split)."""
+  (split: None, each task's default evaluation split). Raises ConfigError
+  naming a bad value."""
   from mm1_jax.experiment import validate_eval
 
   given = dict(tasks=tasks, shots=shots, max_queries=max_queries, batch_size=batch_size,
-               seed=seed, split=split)
+               seed=seed, split=split, prompt_format=prompt_format)
   chosen = dataclasses.replace(experiment.eval, **{
       k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None})
   validate_eval(chosen)
   return {"tasks": list(chosen.tasks), "shots": list(chosen.shots),
           "max_queries": chosen.max_queries or None, "batch_size": chosen.batch_size,
           "seed": chosen.seed, "num_examples": num_examples,  # None: the evaluator's default.
-          "split": chosen.split}  # None: each task's default.
+          "split": chosen.split,  # None: each task's default.
+          "prompt_format": chosen.prompt_format}
+
+
+def chat_template_name(experiment) -> str:
+  """The chat template the run renders conversations with (data.chat_template, ""
+  resolved for data.vocabulary), as the chat format's prompts use it."""
+  from mm1_jax.data import conversations, tokenizer
+
+  vocabulary = tokenizer.get_vocabulary(experiment.data.vocabulary or None)
+  return conversations.get_template(experiment.data.chat_template, vocabulary).name
 
 
 def untrained_params(experiment):
@@ -114,11 +139,14 @@ def run(experiment, workdir: str, *, untrained: bool = False, output: str | None
   vocabulary_path = data_config.vocabulary
   # A bad task, split or shot count fails before the checkpoint is read.
   split = chosen["split"]
+  prompt_format = chosen["prompt_format"]
   evaluator.check_tasks(chosen["tasks"], chosen["shots"], eval_split=split,
-                        vocabulary_path=vocabulary_path)
-  # The split each task is evaluated on, for the report.
+                        vocabulary_path=vocabulary_path, prompt_format=prompt_format)
+  # The split each task is evaluated on, and the chat template, for the report.
   chosen["eval_splits"] = {task: split or fewshot.default_eval_split(task, vocabulary_path)
                            for task in chosen["tasks"]}
+  chosen["chat_template"] = (chat_template_name(experiment) if prompt_format == evaluator.CHAT
+                             else None)
   if untrained:
     params, model_config, mesh = untrained_params(experiment)
     step = 0
@@ -131,7 +159,8 @@ def run(experiment, workdir: str, *, untrained: bool = False, output: str | None
       image_policy=data_config.image_policy, image_start_end=data_config.image_start_end,
       vocabulary_path=vocabulary_path, log=print,
       num_examples=(evaluator.NUM_EXAMPLES if chosen["num_examples"] is None
-                    else chosen["num_examples"] or sys.maxsize))
+                    else chosen["num_examples"] or sys.maxsize),
+      prompt_format=prompt_format, chat_template=data_config.chat_template)
   for task in chosen["tasks"]:
     first = next(iter(results[task].values()))
     if "vqa_accuracy" in first:  # A VQA task: add the blind baseline.
@@ -143,10 +172,10 @@ def run(experiment, workdir: str, *, untrained: bool = False, output: str | None
             "settings": chosen, "seconds": round(time.perf_counter() - start, 1),
             "metrics_scale": "fractions (x 100 for papers' numbers)", "results": results,
             "config": json.loads(experiment.config_json)}
-  output = paths.write_json(
-      output or paths.as_path(workdir) / "eval" / (
-          f"step_{step}" + ("_untrained" if untrained else "") + ".json"),
-      report, indent=2)
+  # A chat-format report does not overwrite the few-shot one of the same step.
+  name = (f"step_{step}" + ("_untrained" if untrained else "")
+          + ("_chat" if prompt_format == evaluator.CHAT else "") + ".json")
+  output = paths.write_json(output or paths.as_path(workdir) / "eval" / name, report, indent=2)
   writer = metric_writers.create_default_writer(workdir)
   evaluator.write_scalars(writer, step, results)
   writer.close()
@@ -166,11 +195,11 @@ def main(argv):
     shots = None if FLAGS.shots is None else [int(k) for k in FLAGS.shots]
   except ValueError:
     raise app.UsageError(f"--shots must be integers, got {','.join(FLAGS.shots)}") from None
-  experiment = Experiment.from_config(FLAGS.config)
+  experiment = Experiment.from_config(FLAGS.config, check_init_from=False)
   run(experiment, FLAGS.workdir, untrained=FLAGS.untrained, output=FLAGS.output,
       tasks=FLAGS.tasks, shots=shots, max_queries=FLAGS.max_queries,
       batch_size=FLAGS.batch_size, seed=FLAGS.seed, num_examples=FLAGS.num_examples,
-      split=FLAGS.split)
+      split=FLAGS.split, prompt_format=FLAGS.prompt_format)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,10 @@ class TrainConfig:
   restore_step: int | None = None
 
 
+# eval.prompt_format values (mm1_jax/evaluation/evaluator.py).
+PROMPT_FORMATS = ("fewshot", "chat")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
   """Few-shot evaluation (mm1_jax/evaluation/evaluator.py): during training
@@ -60,6 +64,9 @@ class EvalConfig:
   seed: int = 0
   # The split queries come from; None: each task's "test", else "validation".
   split: str | None = None
+  # "fewshot": MM1's k-shot prompts; "chat": 0-shot instructions in the run's
+  # chat template (data.chat_template), for instruction-tuned models (shots=(0,)).
+  prompt_format: str = "fewshot"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +103,12 @@ class Experiment:
   def from_config(cls, config: Any, *, workdir: str | None = None,
                   num_devices: int | None = None,
                   mixture_has_images: Callable[[str, str], bool] | None = None,
-                  ) -> "Experiment":
+                  check_init_from: bool = True) -> "Experiment":
     """Parses and validates an experiment config (ConfigDict or dict).
 
     workdir: checked to be (or to be creatable as) a directory, when given.
+    check_init_from: whether the init_from paths must exist (training);
+      evaluate / generate / chat restore the run's own checkpoint instead.
     num_devices: the devices the mesh spans (default jax.device_count()).
     mixture_has_images: (mixture, vocabulary) -> whether its tasks carry
       images (default: asks the SeqIO registry; tests pass a stub).
@@ -124,7 +133,7 @@ class Experiment:
         config_json=(config.to_json_best_effort(indent=2, sort_keys=True)
                      if hasattr(config, "to_json_best_effort") else "{}"))
     validate(experiment, workdir=workdir, num_devices=num_devices,
-             mixture_has_images=mixture_has_images)
+             mixture_has_images=mixture_has_images, check_init_from=check_init_from)
     return experiment
 
   def replace(self, **changes) -> "Experiment":
@@ -159,6 +168,16 @@ def validate_eval(c: EvalConfig) -> None:
   if c.split is not None and not c.split.strip():
     raise ConfigError("eval.split: empty; name a split, e.g. 'validation', or unset it "
                       "(each task's test split, else its validation split).")
+  if c.prompt_format not in PROMPT_FORMATS:
+    raise ConfigError(f"eval.prompt_format: unknown format {c.prompt_format!r}; use one of "
+                      f"{PROMPT_FORMATS} (k-shot prompts, or 0-shot chat-template "
+                      "instructions).")
+  # Evaluation during training uses eval.shots as they are; `python -m
+  # mm1_jax.evaluate` checks the shots it is given (--shots) itself.
+  if c.every_steps and c.prompt_format == "chat" and any(k != 0 for k in c.shots):
+    raise ConfigError(f"eval.prompt_format: 'chat' prompts are 0-shot (an instruction, no "
+                      f"demonstrations) but eval.shots is {c.shots!r}; set eval.shots=(0,), "
+                      "or use prompt_format='fewshot' for k-shot prompts.")
   if c.every_steps and not c.tasks:
     raise ConfigError(f"eval.tasks: empty, but eval.every_steps={c.every_steps} asks for "
                       "evaluation; name the tasks or set every_steps=0.")
@@ -235,7 +254,8 @@ def _check_workdir(workdir: str) -> None:
 
 
 def validate(e: Experiment, *, workdir: str | None = None, num_devices: int | None = None,
-             mixture_has_images: Callable[[str, str], bool] | None = None) -> None:
+             mixture_has_images: Callable[[str, str], bool] | None = None,
+             check_init_from: bool = True) -> None:
   """Every section alone, then the checks across sections."""
   validate_model(e.model)
   validate_input(e.data)
@@ -264,7 +284,7 @@ def validate(e: Experiment, *, workdir: str | None = None, num_devices: int | No
     import jax
     num_devices = jax.device_count()
   _check_batch_fits_mesh(e, num_devices)
-  for path in e.init_from:
+  for path in e.init_from if check_init_from else ():
     if not paths.as_path(path).exists():
       raise ConfigError(f"init_from: {path} does not exist; pass checkpoints written by "
                         "python -m mm1_jax.convert or a training run's workdir.")

@@ -13,18 +13,51 @@ config's vocabulary and laid out exactly as the data pipeline lays out
 training inputs (markers expanded to placeholder runs, the 0 start token in
 front), and images are decoded and resized as the pipeline does. Prints the
 continuation (up to EOS).
+
+mm1_jax/chat.py shares this module's pieces: the decoding flags, reading
+images, laying out prompt ids (layout_prompt) and PromptDecoder (a restored
+model + the KV-cache Generator, prompts padded to length buckets).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
 from mm1_jax import cli
+
+if TYPE_CHECKING:
+  import seqio
+
+
+def define_decode_flags(max_new_tokens: int = 32) -> None:
+  """The decoding flags (shared with mm1_jax.chat); read back by decode_config_from_flags."""
+  flags.DEFINE_enum("method", "greedy", ["greedy", "sample", "beam"], "Decoding method.")
+  flags.DEFINE_integer("max_new_tokens", max_new_tokens, "Most tokens to generate.")
+  flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
+  flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0: all).")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: all).")
+  flags.DEFINE_integer("num_beams", 4, "Beams of beam search.")
+  flags.DEFINE_float("length_penalty", 0.0,
+                     "Beam score = log-prob / length ** this.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def decode_config_from_flags():
+  """The DecodeConfig of the flags of define_decode_flags (EOS and pad ids: the
+  defaults, set from the vocabulary by the command)."""
+  from mm1_jax.evaluation.decoding import DecodeConfig
+
+  FLAGS = flags.FLAGS
+  return DecodeConfig(
+      max_new_tokens=FLAGS.max_new_tokens, method=FLAGS.method, temperature=FLAGS.temperature,
+      top_k=FLAGS.top_k, top_p=FLAGS.top_p, num_beams=FLAGS.num_beams,
+      length_penalty=FLAGS.length_penalty)
+
 
 def define_flags() -> None:
   """The command-line flags; defined only when run as a program, so that
@@ -35,15 +68,7 @@ def define_flags() -> None:
   flags.DEFINE_multi_string("image", [], "Image file (local or gs://) for the next <image> "
                             "of the prompt.")
   flags.DEFINE_string("prompt", None, "Prompt text; <image> marks where an image goes.")
-  flags.DEFINE_enum("method", "greedy", ["greedy", "sample", "beam"], "Decoding method.")
-  flags.DEFINE_integer("max_new_tokens", 32, "Most tokens to generate.")
-  flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
-  flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0: all).")
-  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: all).")
-  flags.DEFINE_integer("num_beams", 4, "Beams of beam search.")
-  flags.DEFINE_float("length_penalty", 0.0,
-                     "Beam score = log-prob / length ** this.")
-  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  define_decode_flags()
 
 
 class GenerateInputError(ValueError):
@@ -92,28 +117,33 @@ def read_images(paths: Sequence[str], model_config, data_config) -> np.ndarray:
   return np.stack(decoded) if decoded else np.zeros((0, size, size, 3), np.uint8)
 
 
-def encode_prompt(prompt: str, images: np.ndarray, model_config, data_config, vocabulary
-                  ) -> np.ndarray:
-  """The model's input tokens for `prompt`, as training would lay it out.
+def load_vocabulary(data_config) -> seqio.Vocabulary:
+  """The run's vocabulary: data.vocabulary ("" = the bundled one)."""
+  from mm1_jax.data import tokenizer
+  return tokenizer.get_vocabulary(data_config.vocabulary or None)
 
-  The text is tokenised like the data tasks' `inputs` and each <image>
-  marker becomes its placeholder run by the data converter; the input is
-  the converter's decoder_input_tokens, i.e. the 0 start token followed by
-  the whole prompt. Returns int32 [n]. Raises GenerateInputError for an
-  empty prompt, or markers that do not match the images.
+
+def layout_prompt(ids: np.ndarray, images: np.ndarray, model_config, data_config, vocabulary
+                  ) -> np.ndarray:
+  """The model's input tokens for prompt ids, as training lays them out.
+
+  ids: int32 [n], one <image> marker id per image; images: uint8 [k, S, S,
+  3], k = the markers. Each marker becomes its placeholder run (bracketed
+  when data.image_start_end) by the data converter; the input is the
+  converter's decoder_input_tokens, i.e. the 0 start token followed by the
+  whole prompt. Returns int32 [1 + n + k * (run length - 1)]. Raises
+  GenerateInputError when markers and images differ in number or there are
+  more than model.max_images.
   """
   from mm1_jax.data import packing, tokenizer
   from mm1_jax.data.converter import MultimodalFeatureConverter
 
-  if not prompt or not prompt.strip():
-    raise GenerateInputError("the prompt is empty; pass --prompt=\"...\" (use <image> where "
-                             "each --image goes).")
-  ids = np.asarray(vocabulary.encode(prompt), np.int32)
+  ids = np.asarray(ids, np.int32)
   marker_id = tokenizer.special_token_ids(vocabulary)["<image>"]
   num_markers = int(np.count_nonzero(ids == marker_id))
   if num_markers != len(images):
     raise GenerateInputError(f"the prompt has {num_markers} <image> marker(s) but "
-                             f"{len(images)} --image file(s) were given; they must match.")
+                             f"{len(images)} image(s); they must match.")
   if num_markers > model_config.max_images:
     raise GenerateInputError(f"the prompt has {num_markers} images; the model takes at most "
                              f"max_images={model_config.max_images}.")
@@ -134,6 +164,68 @@ def encode_prompt(prompt: str, images: np.ndarray, model_config, data_config, vo
   return sequence["decoder_input_tokens"][:length]
 
 
+def encode_prompt(prompt: str, images: np.ndarray, model_config, data_config, vocabulary
+                  ) -> np.ndarray:
+  """The model's input tokens for prompt text, as training would lay it out.
+
+  The text is tokenised like the data tasks' `inputs`, then laid out by
+  layout_prompt. Returns int32 [n]. Raises GenerateInputError for an empty
+  prompt, or markers that do not match the images.
+  """
+  from mm1_jax.data import tokenizer
+
+  if not prompt or not prompt.strip():
+    raise GenerateInputError("the prompt is empty; pass --prompt=\"...\" (use <image> where "
+                             "each --image goes).")
+  ids = np.asarray(vocabulary.encode(prompt), np.int32)
+  marker_id = tokenizer.special_token_ids(vocabulary)["<image>"]
+  num_markers = int(np.count_nonzero(ids == marker_id))
+  if num_markers != len(images):
+    raise GenerateInputError(f"the prompt has {num_markers} <image> marker(s) but "
+                             f"{len(images)} --image file(s) were given; they must match.")
+  return layout_prompt(ids, images, model_config, data_config, vocabulary)
+
+
+def until_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+  """ids up to (not including) the first of stop_ids."""
+  ids = [int(i) for i in ids]
+  for position, token in enumerate(ids):
+    if token in stop_ids:
+      return ids[:position]
+  return ids
+
+
+class PromptDecoder:
+  """A model's parameters and a KV-cache Generator: one laid-out prompt -> its continuation.
+
+  params / model_config / mesh: as restore_params returns them.
+  decode_config: a DecodeConfig whose eos_id ends the decoding loop.
+  length_bucket: prompts are right-padded to a multiple of it, so that a
+  chat (prompts growing turn by turn) compiles once per bucket, not once per
+  turn (the prefill and the decode loop compile per prompt shape).
+
+  decoder(tokens int32 [n], images uint8 [k, S, S, 3], rng) -> int32 [m]:
+  the generated ids, the eos_id that ended them included (m <=
+  max_new_tokens).
+  """
+
+  def __init__(self, params, model_config, mesh, decode_config, length_bucket: int = 64):
+    from mm1_jax.evaluation import decoding
+
+    self.params, self.model_config, self.decode_config = params, model_config, decode_config
+    self.length_bucket = length_bucket
+    self._generator = decoding.Generator(model_config, decode_config, mesh)
+
+  def __call__(self, tokens: np.ndarray, images: np.ndarray, rng) -> np.ndarray:
+    from mm1_jax.evaluation import decoding
+
+    length = self.length_bucket * -(-len(tokens) // self.length_bucket)
+    prompts = decoding.make_prompts([tokens], [images], self.model_config,
+                                    pad_id=self.decode_config.pad_id, length=length)
+    output = self._generator(self.params, prompts, rng)
+    return output.tokens[0, :output.lengths[0]]
+
+
 def generate(experiment, workdir: str, image_paths: Sequence[str], prompt: str,
              decode_config, seed: int = 0) -> str:
   """The continuation of `prompt` (text up to EOS) by the run in `workdir`.
@@ -142,11 +234,8 @@ def generate(experiment, workdir: str, image_paths: Sequence[str], prompt: str,
   """
   import jax
 
-  from mm1_jax.data import tokenizer
-  from mm1_jax.evaluation import decoding
-
   data_config, model_config = experiment.data, experiment.model
-  vocabulary = tokenizer.get_vocabulary(data_config.vocabulary or None)
+  vocabulary = load_vocabulary(data_config)
   decode_config = dataclasses.replace(decode_config, eos_id=vocabulary.eos_id,
                                       pad_id=vocabulary.pad_id)
   # Input errors first: they should not wait for the checkpoint to load.
@@ -154,26 +243,19 @@ def generate(experiment, workdir: str, image_paths: Sequence[str], prompt: str,
   images = read_images(image_paths, model_config, data_config)
   tokens = encode_prompt(prompt, images, model_config, data_config, vocabulary)
   params, model_config, mesh = restore_params(experiment, workdir)
-  prompts = decoding.make_prompts([tokens], [images], model_config)
-  generator = decoding.Generator(model_config, decode_config, mesh)
-  output = generator(params, prompts, jax.random.key(seed))
-  generated = [int(t) for t in output.tokens[0, :output.lengths[0]] if t != vocabulary.eos_id]
-  return vocabulary.decode(generated)
+  decoder = PromptDecoder(params, model_config, mesh, decode_config)
+  generated = decoder(tokens, images, jax.random.key(seed))
+  return vocabulary.decode(until_stop(generated, [vocabulary.eos_id]))
 
 
 def main(argv):
   cli.start(argv)
-  from mm1_jax.evaluation.decoding import DecodeConfig
   from mm1_jax.experiment import Experiment
 
   FLAGS = flags.FLAGS
-  decode_config = DecodeConfig(
-      max_new_tokens=FLAGS.max_new_tokens, method=FLAGS.method, temperature=FLAGS.temperature,
-      top_k=FLAGS.top_k, top_p=FLAGS.top_p, num_beams=FLAGS.num_beams,
-      length_penalty=FLAGS.length_penalty)
-  experiment = Experiment.from_config(FLAGS.config)
-  print(generate(experiment, FLAGS.workdir, FLAGS.image, FLAGS.prompt, decode_config,
-                 FLAGS.seed))
+  experiment = Experiment.from_config(FLAGS.config, check_init_from=False)
+  print(generate(experiment, FLAGS.workdir, FLAGS.image, FLAGS.prompt,
+                 decode_config_from_flags(), FLAGS.seed))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def test_cli_writes_the_report_tensorboard_scalars_and_a_table(workdir):
                                 "max_queries": 2, "batch_size": 2, "seed": 0,
                                 "num_examples": 1, "split": None,  # Each task's default:
                                 "eval_splits": {"easy_vqa_vqa": "test",
-                                                "easy_vqa_caption": "test"}}
+                                                "easy_vqa_caption": "test"},
+                                "prompt_format": "fewshot", "chat_template": None}
   vqa, captions = report["results"]["easy_vqa_vqa"], report["results"]["easy_vqa_caption"]
   assert set(vqa) == {"0shot", "question_prior"} and set(captions) == {"0shot"}
   assert vqa["0shot"]["num_queries"] == 2 and 0 <= vqa["0shot"]["vqa_accuracy"] <= 1
@@ -161,3 +162,36 @@ def test_untrained_baseline(tmp_path, monkeypatch):
   with open(output) as f:
     assert json.load(f)["results"]["easy_vqa_caption"]["0shot"]["num_queries"] == 2
   assert ("eval/easy_vqa_caption/0shot/cider", 0) in tensorboard_tags(str(tmp_path))
+
+
+def test_the_chat_format_is_run_and_recorded_in_the_report(tmp_path, monkeypatch):
+  """--prompt_format=chat: passed to the evaluator with the run's template, named in
+  the report, written next to (not over) the few-shot report. (Decoding and
+  restoring are stubbed: tests/evaluation/test_chat_format.py decodes.)"""
+  config = tiny_config()
+  fresh = str(tmp_path / "fresh")
+  # Refused before the checkpoint is read: the config's shots (0, 4, 8) are not 0-shot.
+  with pytest.raises(ValueError, match=r"'chat' prompts are 0-shot .* use --shots=0"):
+    evaluate.run(config, fresh, tasks=["easy_vqa_caption"], prompt_format="chat")
+  assert not os.path.exists(fresh)
+
+  seen = {}
+
+  def fake_restore(experiment, workdir):
+    return {}, experiment.model, None, 7
+
+  def fake_evaluate(params, model_config, tasks, shots, **kwargs):
+    seen.update(kwargs)
+    return {"easy_vqa_caption": {"0shot_chat": {"cider": 0.5, "bleu4": 0.0, "num_queries": 2,
+                                                "examples": []}}}
+
+  monkeypatch.setattr(trainer, "restore_params", fake_restore)
+  monkeypatch.setattr(evaluator, "evaluate", fake_evaluate)
+  report = evaluate.run(config, str(tmp_path), tasks=["easy_vqa_caption"], shots=[0],
+                        max_queries=2, prompt_format="chat")
+  assert (seen["prompt_format"], seen["chat_template"]) == ("chat", "")  # data.chat_template.
+  assert (report["settings"]["prompt_format"], report["settings"]["chat_template"]) == (
+      "chat", "mm1")  # "" resolved for the bundled vocabulary.
+  with open(tmp_path / "eval" / "step_7_chat.json") as f:
+    assert json.load(f)["settings"]["prompt_format"] == "chat"
+  assert ("eval/easy_vqa_caption/0shot_chat/cider", 7) in tensorboard_tags(str(tmp_path))

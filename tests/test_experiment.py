@@ -133,6 +133,12 @@ def test_values_that_cannot_work_together_are_named(path, value, message):
     build(config, num_devices=4)
 
 
+def test_init_from_is_only_checked_for_training():
+  """evaluate / generate / chat restore the run itself, not its init_from."""
+  config = overridden("init_from", "/nonexistent/ckpt")
+  assert build(config, check_init_from=False).init_from == ("/nonexistent/ckpt",)
+
+
 def test_grad_accumulation_micro_batches_must_split_over_the_mesh():
   config = overridden("optimizer.grad_accum_steps", 4)  # 8 / 4 = 2 rows, 4 devices.
   with pytest.raises(ConfigError, match=r"data.batch_size=8 / grad_accum_steps=4 = 2 does not "

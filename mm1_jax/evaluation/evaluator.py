@@ -12,8 +12,17 @@ decoded greedily with the KV-cache Generator (decoding.py); each
 continuation is cut at the first stop token (EOS, the next image) and by
 fewshot.truncate_generation, then scored by metrics.score_predictions
 (captions: cider, bleu4; VQA: vqa_accuracy, exact_match; fractions, not
-percentages). "examples" keeps the first few queries for people to read;
-`scalars` flattens the numbers for TensorBoard (eval/<task>/<k>shot/<metric>).
+percentages).
+
+prompt_format="chat" evaluates an instruction-tuned model instead: 0-shot
+prompts in the run's chat template (fewshot.ChatEvaluationSet: user
+"<image>\n{question}\nAnswer the question using a single word." or
+"<image>\nDescribe the image briefly.", then the assistant header); the
+answer ends at the template's stop ids and is scored as it is (the VQA
+metric normalises it). Its results key is "0shot_chat".
+
+"examples" keeps the first few queries for people to read; `scalars`
+flattens the numbers for TensorBoard (eval/<task>/<k>shot/<metric>).
 
 max_images. A k-shot prompt holds (k + 1) x images-per-example images, more
 than a model is usually trained with (configs/tiny.py: 4). No parameter
@@ -38,16 +47,20 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from mm1_jax.evaluation import decoding, fewshot, metrics
+from mm1_jax.experiment import PROMPT_FORMATS
 from mm1_jax.models.config import MM1Config
 
 # Most new tokens per kind: easy-vqa answers are one word, captions ~5 tokens.
 DEFAULT_MAX_NEW_TOKENS = {metrics.VQA: 8, metrics.CAPTION: 20}
 DEFAULT_TASKS = ("easy_vqa_vqa", "easy_vqa_caption")
 NUM_EXAMPLES = 3  # Queries kept per setting for people to read.
+FEWSHOT, CHAT = PROMPT_FORMATS  # eval.prompt_format: MM1's k-shot prompts, or a chat template.
 
 
-def setting_name(num_shots: int) -> str:
-  return f"{num_shots}shot"
+def setting_name(num_shots: int, prompt_format: str = FEWSHOT) -> str:
+  """The results key of a setting: "4shot"; "0shot_chat" in the chat format (so
+  that its TensorBoard tags differ from the few-shot format's)."""
+  return f"{num_shots}shot" + ("" if prompt_format == FEWSHOT else f"_{prompt_format}")
 
 
 def images_per_example(task_name: str, eval_split: str | None = None,
@@ -70,14 +83,27 @@ def eval_model_config(model_config: MM1Config, num_shots: int, images_per_query:
   return dataclasses.replace(model_config, max_images=needed)
 
 
+def check_prompt_format(prompt_format: str, shots: Sequence[int]) -> None:
+  """ValueError for an unknown prompt format, or shots > 0 in the (0-shot) chat format."""
+  if prompt_format not in PROMPT_FORMATS:
+    raise ValueError(f"eval.prompt_format: unknown format {prompt_format!r}; use one of "
+                     f"{PROMPT_FORMATS}.")
+  if prompt_format == CHAT and any(k != 0 for k in shots):
+    raise ValueError(f"eval.prompt_format: 'chat' prompts are 0-shot (an instruction, no "
+                     f"demonstrations) but the shot counts are {list(shots)}; use --shots=0 "
+                     "(eval.shots=(0,)), or --prompt_format=fewshot for k-shot prompts.")
+
+
 def check_tasks(tasks: Sequence[str], shots: Sequence[int], *, eval_split: str | None = None,
-                train_split: str = "train", vocabulary_path: str = "") -> None:
+                train_split: str = "train", vocabulary_path: str = "",
+                prompt_format: str = FEWSHOT) -> None:
   """ValueError before any decoding: unknown or unusable tasks, bad shot counts.
 
   Each message names the task and the shot count at fault: a name that is
   not a registered task (the list of registered ones follows), a mixture, a
   task without image + reference text, shots < 0, or more shots than the
-  task's train split has examples to show.
+  task's train split has examples to show; and an unknown prompt format, or
+  shots > 0 in the chat format (check_prompt_format).
   """
   if not tasks:
     raise ValueError("no tasks to evaluate; name at least one, e.g. easy_vqa_vqa.")
@@ -86,6 +112,7 @@ def check_tasks(tasks: Sequence[str], shots: Sequence[int], *, eval_split: str |
   for k in shots:
     if int(k) != k or k < 0:
       raise ValueError(f"shot counts must be integers >= 0, got {k!r}.")
+  check_prompt_format(prompt_format, shots)
   vocabulary = fewshot._vocabulary(vocabulary_path)
   for task in tasks:
     fewshot.get_task(task, vocabulary_path)  # Unknown names and mixtures, named.
@@ -107,14 +134,28 @@ def _bucketed(length: int, bucket: int) -> int:
   return bucket * math.ceil(length / bucket)
 
 
-def _answer_text(tokens: np.ndarray, length: int, stop_ids: Sequence[int], vocabulary) -> str:
+def _answer_text(tokens: np.ndarray, length: int, evaluation_set) -> str:
   """The generated ids up to (not including) the first stop token, decoded."""
   ids = [int(t) for t in tokens[:length]]
   for i, token in enumerate(ids):
-    if token in stop_ids:
+    if token in evaluation_set.stop_ids:
       ids = ids[:i]
       break
-  return vocabulary.decode(ids)
+  return evaluation_set.decode(ids)
+
+
+def evaluation_set_of(task_name: str, model_config: MM1Config, num_shots: int, seed: int, *,
+                      prompt_format: str = FEWSHOT, chat_template: str = "",
+                      **options) -> fewshot.FewShotEvaluationSet:
+  """The prompts of one setting: MM1's k-shot prompts, or 0-shot chat prompts.
+
+  options: FewShotEvaluationSet's keywords (eval_split, max_queries, ...).
+  """
+  check_prompt_format(prompt_format, [num_shots])
+  if prompt_format == CHAT:
+    return fewshot.ChatEvaluationSet(task_name, model_config, seed, chat_template=chat_template,
+                                     **options)
+  return fewshot.FewShotEvaluationSet(task_name, model_config, num_shots, seed, **options)
 
 
 def evaluate_setting(params: Any, model_config: MM1Config, task_name: str, num_shots: int, *,
@@ -122,7 +163,8 @@ def evaluate_setting(params: Any, model_config: MM1Config, task_name: str, num_s
                      max_new_tokens: Mapping[str, int] | None = None, mesh=None,
                      eval_split: str | None = None, image_policy: str = "stretch",
                      image_start_end: bool = False, vocabulary_path: str = "",
-                     length_bucket: int = 64, num_examples: int = NUM_EXAMPLES
+                     length_bucket: int = 64, num_examples: int = NUM_EXAMPLES,
+                     prompt_format: str = FEWSHOT, chat_template: str = ""
                      ) -> dict[str, Any]:
   """One task at one shot count: {metric: value, "num_queries": n, "examples": [...]}.
 
@@ -132,15 +174,16 @@ def evaluate_setting(params: Any, model_config: MM1Config, task_name: str, num_s
   max_new_tokens = {**DEFAULT_MAX_NEW_TOKENS, **(max_new_tokens or {})}
   per_query = images_per_example(task_name, eval_split, vocabulary_path)
   config = eval_model_config(model_config, num_shots, per_query)
-  evaluation_set = fewshot.FewShotEvaluationSet(
-      task_name, config, num_shots, seed, eval_split=eval_split, max_queries=max_queries,
+  evaluation_set = evaluation_set_of(
+      task_name, config, num_shots, seed, prompt_format=prompt_format,
+      chat_template=chat_template, eval_split=eval_split, max_queries=max_queries,
       image_policy=image_policy, image_start_end=image_start_end,
       vocabulary_path=vocabulary_path)
   vocabulary = evaluation_set.vocabulary
+  # The first stop id ends the loop: EOS (few-shot), the end of the turn (chat).
   generator = decoding.Generator(config, decoding.DecodeConfig(
       max_new_tokens=max_new_tokens[evaluation_set.kind], method="greedy",
-      eos_id=vocabulary.eos_id, pad_id=vocabulary.pad_id), mesh)
-  stop_ids = fewshot.stop_token_ids(vocabulary)
+      eos_id=evaluation_set.stop_ids[0], pad_id=vocabulary.pad_id), mesh)
   predictions, examples = [], []
   for start in range(0, len(evaluation_set), batch_size):
     prompts = evaluation_set[start:start + batch_size]
@@ -150,8 +193,8 @@ def evaluate_setting(params: Any, model_config: MM1Config, task_name: str, num_s
     output = generator(params, decoding.Prompts(batch["tokens"], batch["lengths"],
                                                 batch["images"], batch["image_mask"]))
     for row, prompt in enumerate(prompts):
-      generation = _answer_text(output.tokens[row], output.lengths[row], stop_ids, vocabulary)
-      answer = fewshot.truncate_generation(generation, evaluation_set.kind)
+      generation = _answer_text(output.tokens[row], output.lengths[row], evaluation_set)
+      answer = evaluation_set.answer(generation)
       predictions.append(answer)
       if len(examples) < num_examples:
         examples.append({"prompt": prompt.text, "generation": generation,
@@ -167,7 +210,8 @@ def evaluate(params: Any, model_config: MM1Config, tasks: Sequence[str] = DEFAUL
              eval_split: str | None = None, image_policy: str = "stretch",
              image_start_end: bool = False, vocabulary_path: str = "",
              length_bucket: int = 64, num_examples: int = NUM_EXAMPLES,
-             log: Callable[[str], None] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+             log: Callable[[str], None] | None = None, prompt_format: str = FEWSHOT,
+             chat_template: str = "") -> dict[str, dict[str, dict[str, Any]]]:
   """Greedy k-shot evaluation of every task at every shot count.
 
   params: the model's 'params' tree (on `mesh` when given: the run's mesh,
@@ -179,12 +223,17 @@ def evaluate(params: Any, model_config: MM1Config, tasks: Sequence[str] = DEFAUL
   (DEFAULT_MAX_NEW_TOKENS fills the rest). eval_split: default "test", else
   "validation". image_policy / image_start_end / vocabulary_path: as the
   training run's config.data. log: called with a line per setting.
+  prompt_format: "fewshot" (MM1's k-shot prompts) or "chat" (0-shot
+  instructions in chat_template, "" = the vocabulary's own: the run's
+  data.chat_template; shots must be (0,)).
 
   Returns {task: {"<k>shot": {metric: value, "num_queries": n,
-  "examples": [{"prompt", "generation", "prediction", "references"}]}}}.
-  Raises ValueError (check_tasks) before decoding anything.
+  "examples": [{"prompt", "generation", "prediction", "references"}]}}}
+  ("0shot_chat" in the chat format). Raises ValueError (check_tasks)
+  before decoding anything.
   """
-  check_tasks(tasks, shots, eval_split=eval_split, vocabulary_path=vocabulary_path)
+  check_tasks(tasks, shots, eval_split=eval_split, vocabulary_path=vocabulary_path,
+              prompt_format=prompt_format)
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
   results: dict[str, dict[str, dict[str, Any]]] = {}
@@ -197,12 +246,13 @@ def evaluate(params: Any, model_config: MM1Config, tasks: Sequence[str] = DEFAUL
           seed=seed, max_new_tokens=max_new_tokens, mesh=mesh, eval_split=eval_split,
           image_policy=image_policy, image_start_end=image_start_end,
           vocabulary_path=vocabulary_path, length_bucket=length_bucket,
-          num_examples=num_examples)
-      results[task][setting_name(int(k))] = result
+          num_examples=num_examples, prompt_format=prompt_format, chat_template=chat_template)
+      setting = setting_name(int(k), prompt_format)
+      results[task][setting] = result
       if log:
         numbers = " ".join(f"{name} {value:.4f}" for name, value in result.items()
                            if name not in ("num_queries", "examples"))
-        log(f"eval {task} {setting_name(int(k))}: {numbers} ({result['num_queries']} queries, "
+        log(f"eval {task} {setting}: {numbers} ({result['num_queries']} queries, "
             f"{time.perf_counter() - start:.0f} s)")
   return results
 

@@ -29,6 +29,14 @@ query, and independent of how many queries are evaluated.
     answers = [truncate_generation(text, evaluation_set.kind) for text in decoded]
     metrics.score_predictions(evaluation_set.kind, answers, evaluation_set.references)
 
+ChatEvaluationSet builds 0-shot prompts in a chat template instead (an
+instruction-tuned model's format; evaluator prompt_format="chat"): one user
+turn "<image>\n{question}\nAnswer the question using a single word." (VQA;
+the question is the prompt without images and "Question:" / "Answer:") or
+"<image>\nDescribe the image briefly." (captions), rendered with the
+assistant header after it and laid out the same way; its answers end at the
+template's stop ids.
+
 A task can be evaluated when its examples put their image(s) in the prompt
 (`inputs`) and the reference text in `targets` (or a list of reference
 answers in an `answers` feature, as VQA annotators give). Its kind is
@@ -49,7 +57,7 @@ import seqio
 import tensorflow as tf
 
 from mm1_jax.data import images as image_ops
-from mm1_jax.data import packing, sources, tasks, tokenizer
+from mm1_jax.data import conversations, packing, sources, tasks, tokenizer
 from mm1_jax.data.converter import MultimodalFeatureConverter
 from mm1_jax.evaluation import metrics
 from mm1_jax.models.config import MM1Config
@@ -344,7 +352,7 @@ class FewShotEvaluationSet:
     demonstrations = [self.train[i] for i in chosen]
     for demonstration in demonstrations:
       check_query_example(demonstration, self.vocabulary, self.task_name)
-    ids = np.concatenate([demonstration_ids(d) for d in demonstrations] + [query.inputs])
+    ids = self.prompt_ids(query, demonstrations)
     encoded = [image for example in demonstrations + [query] for image in example.images]
     if len(encoded) > self.model.max_images:  # Examples with more images than the first.
       raise ValueError(f"query {query_index}: its {self.num_shots}-shot prompt holds "
@@ -360,8 +368,97 @@ class FewShotEvaluationSet:
     return FewShotPrompt(
         tokens=np.concatenate([[BOS_ID], expanded]).astype(np.int32),
         images=images, image_mask=image_mask, references=query.references, kind=self.kind,
-        query_index=query_index, demonstration_indices=chosen,
-        text=self.vocabulary.decode(ids.tolist()))
+        query_index=query_index, demonstration_indices=chosen, text=self.decode(ids))
+
+  def prompt_ids(self, query: TaskExample, demonstrations: Sequence[TaskExample]
+                 ) -> np.ndarray:
+    """int32 [n]: the demonstrations (inputs then targets), then the query's inputs;
+    one <image> marker id per image."""
+    return np.concatenate([demonstration_ids(d) for d in demonstrations]
+                          + [query.inputs]).astype(np.int32)
+
+  def decode(self, ids) -> str:
+    """Text of prompt or generated ids."""
+    return self.vocabulary.decode([int(i) for i in ids])
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """Ids that end a generated answer (the first also ends the decoding loop)."""
+    return stop_token_ids(self.vocabulary)
+
+  def answer(self, generation: str) -> str:
+    """The answer scored in a decoded generation (already cut at stop_ids)."""
+    return truncate_generation(generation, self.kind)
+
+
+# --- the chat format ----------------------------------------------------------------
+
+# The instructions of a 0-shot chat query (LLaVA's short-answer VQA prompt).
+CHAT_VQA_INSTRUCTION = "Answer the question using a single word."
+CHAT_CAPTION_INSTRUCTION = "Describe the image briefly."
+# The labels of the few-shot VQA format ("<image> Question: ... Answer:").
+_QUESTION_LABELS = re.compile(r"^Question:\s*|\s*Answer:$")
+
+
+def vqa_question(example: TaskExample, vocabulary: seqio.Vocabulary) -> str:
+  """The question of a VQA example: its prompt text without images, whitespace
+  collapsed, and without the few-shot format's "Question:" / "Answer:" labels.
+  " <image> Question: what color is the shape? Answer:" -> "what color is the shape?"."""
+  return _QUESTION_LABELS.sub("", question_text(example, vocabulary)).strip()
+
+
+def chat_query_turns(example: TaskExample, vocabulary: seqio.Vocabulary, kind: str
+                     ) -> list[conversations.Turn]:
+  """The 0-shot chat conversation of a query: one user turn, an "<image>\\n" per
+  image (LLaVA's layout), then the question and CHAT_VQA_INSTRUCTION on lines of
+  their own (VQA), or CHAT_CAPTION_INSTRUCTION (captions)."""
+  markers = (conversations.IMAGE_MARKER + "\n") * len(example.images)
+  if kind == metrics.VQA:
+    text = f"{markers}{vqa_question(example, vocabulary)}\n{CHAT_VQA_INSTRUCTION}"
+  else:
+    text = markers + CHAT_CAPTION_INSTRUCTION
+  return [conversations.Turn(conversations.USER, text)]
+
+
+class ChatEvaluationSet(FewShotEvaluationSet):
+  """0-shot prompts of a task in a chat template: an instruction-tuned model's format.
+
+  Each query is chat_query_turns(query) rendered by the template with the
+  generation prompt (the assistant header) at its end, then laid out as
+  FewShotEvaluationSet lays out its prompts (image runs, the leading 0).
+  Answers end at the template's stop ids (or EOS) and are scored as they
+  are, outer whitespace stripped (the VQA metric normalises them).
+
+  chat_template: a conversations.TEMPLATES name, "" = the vocabulary's own
+  (data.chat_template of the run). Other arguments as FewShotEvaluationSet's.
+  """
+
+  def __init__(self, task_name: str, model: MM1Config, seed: int = 0, *,
+               chat_template: str = "", eval_split: str | None = None,
+               max_queries: int | None = None, image_policy: str = "stretch",
+               image_start_end: bool = False, vocabulary_path: str = "",
+               kind: str | None = None):
+    super().__init__(task_name, model, 0, seed, eval_split=eval_split, max_queries=max_queries,
+                     image_policy=image_policy, image_start_end=image_start_end,
+                     vocabulary_path=vocabulary_path, kind=kind)
+    self.template = conversations.get_template(chat_template, self.vocabulary)
+
+  def prompt_ids(self, query: TaskExample, demonstrations: Sequence[TaskExample]
+                 ) -> np.ndarray:
+    assert not demonstrations, "chat prompts are 0-shot"
+    turns = chat_query_turns(query, self.vocabulary, self.kind)
+    return self.template.render(turns, add_generation_prompt=True).tokens
+
+  def decode(self, ids) -> str:
+    return self.template.decode(ids)
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    # The end of the assistant turn first: it ends the decoding loop.
+    return tuple(dict.fromkeys(self.template.stop_ids + (self.vocabulary.eos_id,)))
+
+  def answer(self, generation: str) -> str:
+    return generation.removeprefix(self.template.answer_prefix).strip()
 
 
 def stack_prompts(prompts: Sequence[FewShotPrompt], length: int | None = None,

@@ -140,7 +140,8 @@ def evaluate(experiment: Experiment, workdir: str, step: int, params, model, mes
       params, model, settings.tasks, settings.shots,
       max_queries=settings.max_queries or None, batch_size=settings.batch_size,
       seed=settings.seed, mesh=mesh, eval_split=settings.split, image_policy=data.image_policy,
-      image_start_end=data.image_start_end, vocabulary_path=data.vocabulary, log=say)
+      image_start_end=data.image_start_end, vocabulary_path=data.vocabulary,
+      prompt_format=settings.prompt_format, chat_template=data.chat_template, log=say)
   writer.write_scalars(step, evaluator.scalars(results))
   if jax.process_index() == 0:
     paths.write_json(paths.as_path(workdir) / EVAL_DIR / f"step_{step}.json",
