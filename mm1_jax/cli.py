@@ -12,16 +12,14 @@ checkpoint of another config) is printed as one line, `Error: <field>:
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import sys
-import tempfile
 import traceback
 from typing import Callable, Sequence
 
 from absl import app, flags, logging
 
+from mm1_jax import native_logs
 from mm1_jax.typed_config import ConfigError
 
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks of configuration and input "
@@ -85,40 +83,9 @@ def start(argv: Sequence[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     import sentencepiece
     sentencepiece.set_min_log_level(1)  # Its INFO lines on every tokenizer load.
-  with _startup_noise_filtered(enabled=not _VERBOSE.value):
+  with native_logs.filtered(native_logs.STARTUP_NOISE, enabled=not _VERBOSE.value):
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
-
-
-# Lines TensorFlow's C++ start-up writes to stderr on every CPU machine: INFO,
-# and the ERROR of its CUDA probe on a machine without an NVIDIA driver.
-_STARTUP_NOISE = re.compile(
-    r"(^WARNING: All log messages before absl::InitializeLog\(\) is called"
-    r"|^I0000 .*\] "
-    r"|cuda_platform\.cc:\d+\] failed call to cuInit"
-    r"|^To enable the following instructions: .* rebuild TensorFlow)")
-
-
-@contextlib.contextmanager
-def _startup_noise_filtered(enabled: bool):
-  """Captures file descriptor 2 while TensorFlow starts and passes on every
-  line but the known start-up noise (real warnings and errors stay)."""
-  if not enabled:
-    yield
-    return
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as captured:
-    os.dup2(captured.fileno(), 2)
-    try:
-      yield
-    finally:
-      os.dup2(saved, 2)
-      os.close(saved)
-      captured.seek(0)
-      for line in captured.read().decode(errors="replace").splitlines():
-        if not _STARTUP_NOISE.search(line):
-          print(line, file=sys.stderr)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

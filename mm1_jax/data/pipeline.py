@@ -22,6 +22,7 @@ Batch contract (per host, B = global batch / process count):
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -32,7 +33,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from mm1_jax import paths, private_apis
+from mm1_jax import native_logs, paths, private_apis
 from mm1_jax.data import health as health_lib
 from mm1_jax.data import images as image_ops
 from mm1_jax.data import conversations, packing, sources, tasks, tokenizer
@@ -304,6 +305,13 @@ class MultimodalInput:
     while len(batch) < self.local_batch_size:  # Only at the end of a finite split.
       batch.append(self.converter.empty_sequence())
     return packing.stack(batch)
+
+  def close(self) -> None:
+    """Releases the tf.data stream (the end of a run). Its known warning
+    about an in-memory cache not read to its end is kept off the console."""
+    with native_logs.filtered(native_logs.PARTIAL_CACHE_READ):
+      self._iterator = self._dataset = None
+      gc.collect()  # The C++ iterator is destroyed (and warns) here, inside the filter.
 
   # --- saving and restoring the position -------------------------------------
 
