@@ -19,6 +19,19 @@ from it with
 fresh initialisation). The converted component's architecture is written to
 {output}/mm1_component.json, with the config overrides that select it.
 --output may be a gs:// directory; --source must be on this machine.
+
+LoRA: a run trained with model.lora adapters is merged into a plain params
+checkpoint (every adapted kernel W + scale * A B, in float32; no adapters):
+
+    python -m mm1_jax.convert --lora_merge --source=workdirs/run_lora \
+        --output=checkpoints/run_merged
+
+--source is the run's workdir (its newest checkpoint) or one step directory
+({workdir}/checkpoints/{step}); the run's {workdir}/config.json gives the
+model and its LoRA settings. The output holds the whole params tree
+(encoder, connector, llm); start from it with model.lora.rank=0 and
+--config.init_from=checkpoints/run_merged. A description of the merge is
+written to {output}/mm1_lora_merge.json.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ from absl import flags
 from mm1_jax import cli
 
 COMPONENT_FILE = "mm1_component.json"
+LORA_MERGE_FILE = "mm1_lora_merge.json"
 # Where each component sits in MM1Config / the model's params tree.
 CONFIG_FIELD = {"llm": "model.llm", "encoder": "model.encoder"}
 
@@ -48,6 +62,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("image_size", None, "Encoder: input resolution (positions are resized).",
                        lower_bound=1)
   flags.DEFINE_integer("feature_layer", None, "Encoder: block whose output is the feature.")
+  flags.DEFINE_bool("lora_merge", False, "--source is a LoRA training run (workdir or step "
+                    "directory): merge its adapters into a plain params checkpoint.")
 
 
 def source_format(source: str) -> str:
@@ -138,10 +154,88 @@ def write(output: str, component: str, config: Any, params: dict[str, Any], sour
                     "config_overrides": config_overrides(component, config)}, indent=2)
 
 
+def _run_workdir(source: str):
+  """The workdir of a run given as its workdir or one of its step directories."""
+  from mm1_jax import paths
+  from mm1_jax.training import checkpoint
+  path = paths.as_path(source)
+  if not path.exists():
+    raise FileNotFoundError(f"--source={source}: no such directory.")
+  if (path / checkpoint.CHECKPOINTS_DIR).is_dir():
+    return path
+  if path.parent.name == checkpoint.CHECKPOINTS_DIR:
+    return path.parent.parent
+  raise ValueError(f"--source={source}: --lora_merge takes a training run's workdir (with "
+                   f"{checkpoint.CHECKPOINTS_DIR}/) or a step directory "
+                   f"{{workdir}}/{checkpoint.CHECKPOINTS_DIR}/{{step}}.")
+
+
+def merge_lora_run(source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Loads the parameters of a LoRA run's checkpoint (`source`: workdir or step
+  directory) and merges the adapters. Returns (plain params tree, description)."""
+  import json
+
+  import jax
+
+  from mm1_jax.models import accounting, lora
+  from mm1_jax.models.config import MM1Config
+  from mm1_jax.training import checkpoint
+  from mm1_jax.training.trainer import CONFIG_FILE
+
+  config_path = _run_workdir(source) / CONFIG_FILE
+  if not config_path.exists():
+    raise FileNotFoundError(f"--source={source}: the run's {config_path} is missing; "
+                            "--lora_merge needs it for the model and its LoRA settings.")
+  values = json.loads(config_path.read_text())
+  model = MM1Config.from_dict(values.get("model", {}))
+  if not model.lora.enabled:
+    raise ValueError(f"--source={source}: the run's config has model.lora.rank=0 (no adapters); "
+                     "its checkpoint is already plain: pass it to init_from as it is.")
+  # On the host: a merge needs no accelerator, and the whole tree fits there.
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=cpu),
+                          accounting.abstract_params(model))
+  params = checkpoint.load_params(source, abstract)
+  modules = lora.adapted_module_paths(params)
+  merged = lora.merge_lora(params, model.lora)
+  description = {"source": source, "lora": dataclasses.asdict(model.lora),
+                 "scale": model.lora.scale, "merged_modules": modules,
+                 "config_overrides": ["--config.model.lora.rank=0"]}
+  return merged, description
+
+
+def write_merged(output: str, params: dict[str, Any], description: dict[str, Any]) -> None:
+  """Saves a merged (plain) params tree to `output` (which must not exist) and
+  the description of the merge next to it."""
+  from mm1_jax import paths
+  from mm1_jax.training import checkpoint
+
+  _check_new(output)
+  checkpoint.save_params(paths.as_path(output), params)
+  paths.write_json(paths.as_path(output) / LORA_MERGE_FILE, description, indent=2)
+
+
+def _main_lora_merge(FLAGS) -> None:
+  other = [f"--{name}" for name in ("vocab_size", "image_size", "feature_layer")
+           if getattr(FLAGS, name) is not None] + (
+               [f"--format={FLAGS.format}"] if FLAGS.format != "auto" else [])
+  if other:
+    raise ValueError(f"{', '.join(other)}: not used by --lora_merge, which keeps the run's "
+                     "architecture; drop it.")
+  params, description = merge_lora_run(FLAGS.source)
+  write_merged(FLAGS.output, params, description)
+  print(f"Merged the LoRA adapters of {len(description['merged_modules'])} module(s) of "
+        f"{FLAGS.source} into {FLAGS.output}; train from it with model.lora.rank=0 (or new "
+        f"adapters) and --config.init_from={FLAGS.output}")
+
+
 def main(argv: Sequence[str]) -> None:
   cli.start(argv)
   FLAGS = flags.FLAGS
   _check_new(FLAGS.output)  # Before minutes of conversion, not after.
+  if FLAGS.lora_merge:
+    _main_lora_merge(FLAGS)
+    return
   component, config, params = convert(FLAGS.source, FLAGS.format, FLAGS.vocab_size,
                                       FLAGS.image_size, FLAGS.feature_layer)
   write(FLAGS.output, component, config, params, FLAGS.source)

@@ -44,6 +44,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("conv_in", None),
     ("image_tokens", None),
     ("patches", None),
+    # The rank dim of LoRA adapters (A [..., in, r], B [r, out...]): small, so
+    # replicated; the adapters' other dims follow their kernel's.
+    ("lora_rank", None),
     # Activations.
     ("activation_batch", ("data", "fsdp", "expert")),
     ("activation_length", None),

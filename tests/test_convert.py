@@ -81,14 +81,19 @@ def test_mm1_smol_config_is_what_was_converted_and_loads_it(converted):
 
 
 def test_stages_train_what_llava_trains():
-  one, two, three = (mm1_smol.get_config(f"stage={stage}") for stage in (1, 2, 3))
+  one, two, three, four = (mm1_smol.get_config(f"stage={stage}") for stage in (1, 2, 3, 4))
   assert tuple(one.optimizer.freeze) == ("encoder", "llm") and one.model.freeze_llm
-  assert one.data.mixture == "easy_vqa_caption"  # LLaVA's stage 1: caption pairs.
+  # LLaVA's stage 1: caption pairs in its plain format.
+  assert (one.data.mixture, one.data.chat_template) == ("llava_stage1", "plain")
   assert tuple(two.optimizer.freeze) == () and not two.model.freeze_llm
   assert two.init_from == "workdirs/mm1_smol_stage1" and two.data.mixture == "mm1_pretrain"
   assert tuple(three.optimizer.freeze) == ("encoder",) and three.data.mixture == "easy_vqa_sft"
   assert three.model.max_images >= tasks.VQA_DOCUMENT_QUESTIONS  # A whole few-shot document fits.
   assert mm1_smol.get_config("stage=3,from_workdir=w/s2").init_from == "w/s2"
+  # LLaVA's stage 2: conversations in SmolLM2's own template, encoder frozen, from stage 1.
+  assert (four.data.mixture, four.data.chat_template) == ("visual_sft", "")
+  assert tuple(four.optimizer.freeze) == ("encoder",)
+  assert four.init_from == "workdirs/mm1_smol_stage1" and four.eval.prompt_format == "chat"
   with pytest.raises(config_lib.ConfigError, match="image_tokens 64 or 144"):
     mm1_smol.get_config("image_tokens=100")
 

@@ -9,6 +9,7 @@ a message that names the field instead of a shape error deep inside jit.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 from typing import Any, Mapping
 
@@ -154,6 +155,50 @@ class DecoderConfig:
     return self.moe.expert_mlp_dim or self.mlp_dim
 
 
+# LLaVA's LoRA targets: every linear of the LLM's layer stack (attention,
+# MLP, and for an MoE LLM the router and the experts), not the token
+# embedding, not lm_head, not the encoder or the connector.
+LORA_DEFAULT_TARGETS = ("llm/blocks/*",)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters (LoRA, Hu et al. 2021; Hugging Face peft's conventions).
+
+  A targeted linear y = x W computes y = x W + scale * dropout(x) A B, with
+  A [*in_dims, rank] Kaiming-uniform (torch nn.Linear's default init, as
+  peft), B [rank, *out_dims] zero, so the adapted model starts equal to the
+  base; scale = alpha / rank, or alpha / sqrt(rank) with rslora. Only the
+  adapters train in the parts they are in (the base weights are frozen
+  there); see mm1_jax/models/lora.py.
+
+  targets: fnmatch patterns over module paths in the params tree, "/"-joined,
+  "*" also matching "/": e.g. "llm/blocks/layer_0/attn/query" (the layer
+  stack is scanned, so one path covers that position in every block),
+  "llm/lm_head", "llm/blocks/*/moe/up" (the experts' up projections),
+  "llm/*/attn/*". Every pattern must match at least one linear.
+  """
+  rank: int = 0  # 0: no adapters.
+  alpha: float = 8.0  # peft's default (with its default rank 8).
+  rslora: bool = False  # Rank-stabilised scale alpha / sqrt(rank) (Kalajdzievski 2023).
+  dropout: float = 0.0  # On the adapter's input, training only.
+  targets: tuple[str, ...] = LORA_DEFAULT_TARGETS
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank > 0
+
+  @property
+  def scale(self) -> float:
+    """The factor of the low-rank update A B."""
+    return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+  def targets_module(self, module_path: str) -> bool:
+    """Whether the linear at `module_path` ("llm/blocks/layer_0/attn/query") gets adapters."""
+    return self.enabled and any(fnmatch.fnmatchcase(module_path, pattern)
+                                for pattern in self.targets)
+
+
 @dataclasses.dataclass(frozen=True)
 class MM1Config:
   """The multimodal model: encoder -> connector -> tokens spliced into the LLM."""
@@ -164,6 +209,8 @@ class MM1Config:
   max_images: int = 16
   freeze_encoder: bool = False
   freeze_llm: bool = False
+  # Adapters on the LLM's linears (rank 0: none); the LLM's base is then frozen.
+  lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
   dtype: str = "bfloat16"  # Compute dtype.
   param_dtype: str = "float32"
 
@@ -283,6 +330,30 @@ def validate_decoder(config: DecoderConfig, path: str = "llm") -> None:
              f"must be positive, got {moe.capacity_factor}.")
 
 
+def validate_lora(config: LoraConfig, llm: DecoderConfig, path: str = "model.lora") -> None:
+  """Rank, alpha, dropout, and targets that each match a linear of the model."""
+  c = config
+  _require(isinstance(c.rank, int) and not isinstance(c.rank, bool) and c.rank >= 0,
+           f"{path}.rank", f"must be an integer >= 0 (0 = no adapters), got {c.rank!r}.")
+  _require(c.alpha > 0, f"{path}.alpha", f"must be > 0 (scale alpha / rank), got {c.alpha}.")
+  _require(0.0 <= c.dropout < 1.0, f"{path}.dropout", f"must be in [0, 1), got {c.dropout}.")
+  if not c.enabled:
+    return
+  _require(len(c.targets) > 0, f"{path}.targets",
+           f"empty with rank {c.rank}; name module paths (default {LORA_DEFAULT_TARGETS}), "
+           "or set rank=0 for no adapters.")
+  from mm1_jax.models import lora  # The model's structure: only when adapters are asked for.
+  available = lora.linear_module_paths(llm)
+  for pattern in c.targets:
+    if not any(fnmatch.fnmatchcase(module, pattern) for module in available):
+      shown = ", ".join(available[:8]) + (" ..." if len(available) > 8 else "")
+      _require(False, f"{path}.targets",
+               f"{pattern!r} matches no linear layer that takes adapters: only the LLM's do "
+               f"(not the encoder's or the connector's, which optimizer.freeze trains whole "
+               f"or freezes), {len(available)}: {shown}; e.g. 'llm/blocks/*' for all but "
+               "lm_head.")
+
+
 def validate(config: MM1Config) -> None:
   """Raises ConfigError naming the first field that cannot work."""
   validate_vit(config.encoder, "model.encoder")
@@ -292,6 +363,7 @@ def validate(config: MM1Config) -> None:
            f"{config.image_placeholder_id} is not a token id of a vocabulary of "
            f"{config.llm.vocab_size}.")
   _require(config.max_images >= 1, "model.max_images", f"must be >= 1, got {config.max_images}.")
+  validate_lora(config.lora, config.llm, "model.lora")
   for field in ("dtype", "param_dtype"):
     value = getattr(config, field)
     _require(value in DTYPES, f"model.{field}", f"unknown dtype {value!r}; use one of {DTYPES}.")

@@ -10,6 +10,11 @@ with depth.
 Decoding (`extend`) passes a fixed-size KV cache (init_cache) through the
 same scan: block i reads and returns slice i of the stacked cache. Training
 passes None there, which adds nothing to its program.
+
+LoRA: with an enabled `lora` config, every linear whose module path
+("llm/blocks/layer_0/attn/query", "llm/lm_head", ...) it targets carries
+adapters (layers.DenseGeneral, moe.MoeFeedForward), stacked over the scanned
+blocks like the other parameters.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from mm1_jax.models import layers
-from mm1_jax.models.config import DecoderConfig, MoeConfig
+from mm1_jax.models.config import DecoderConfig, LoraConfig, MoeConfig
 from mm1_jax.models.moe import MOE_METRICS, MoeFeedForward
 from mm1_jax.sharding import constrain
 
@@ -37,11 +42,12 @@ class DecoderLayer(nn.Module):
   use_moe: bool = False
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  lora: layers.LoraScope | None = None
 
   @nn.compact
   def __call__(self, x, positions, mask, token_mask, cache=None):
     c = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
     h = layers.RMSNorm(c.norm_eps, self.param_dtype, name="attn_norm")(x)
     h = layers.Attention(num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
                          head_dim=c.resolved_head_dim, qkv_bias=c.qkv_bias,
@@ -71,6 +77,7 @@ class DecoderBlock(nn.Module):
   config: DecoderConfig
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  lora: layers.LoraScope | None = None
 
   @nn.compact
   def __call__(self, x, positions, mask, token_mask, cache=None):
@@ -82,7 +89,7 @@ class DecoderBlock(nn.Module):
       use_moe = c.moe.enabled and i == num_layers - 1
       name = f"layer_{i}"
       x, layer_aux, layer_cache = DecoderLayer(c, use_moe, self.dtype, self.param_dtype,
-                                               name=name)(
+                                               self.lora, name=name)(
           x, positions, mask, token_mask, None if cache is None else cache[name])
       if cache is not None:
         new_cache[name] = layer_cache
@@ -120,13 +127,20 @@ class Decoder(nn.Module):
   Returns logits [B, T, vocab] (float32) and the MoE aux statistics
   (scalars, averaged over the MoE layers; zeros for a dense model).
   `extend` and `logits` are the KV-cached decoding path.
+
+  lora: adapters on the linears it targets (None or rank 0: none). Module
+  paths start with "llm", the decoder's part of MM1Model, also when the
+  decoder runs alone.
   """
   config: DecoderConfig
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  lora: LoraConfig | None = None
 
   def setup(self):
     c = self.config
+    lora = (layers.LoraScope(self.lora, "llm", tuple(self.path))
+            if self.lora is not None and self.lora.enabled else None)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.embedder = nn.Embed(
         c.vocab_size, c.width, dtype=layers.as_dtype(self.dtype),
@@ -136,13 +150,15 @@ class Decoder(nn.Module):
     block = layers.maybe_remat(DecoderBlock, c.remat_policy)
     # The cache (None when training) is scanned over like the parameters:
     # block i reads and writes slice i of the stacked cache.
-    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+    # Each block draws its own (LoRA) dropout masks.
+    scanned = nn.scan(block, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                       length=c.num_blocks, metadata_params={nn.PARTITION_NAME: "layers"})
-    self.blocks = scanned(c, **kw)
+    self.blocks = scanned(c, lora=lora, **kw)
     self.final_norm = layers.RMSNorm(c.norm_eps, self.param_dtype)
     if not c.tie_embeddings:
-      self.lm_head = layers.dense(c.vocab_size, ("embed", "vocab"), **kw)
+      self.lm_head = layers.dense(c.vocab_size, ("embed", "vocab"), lora=lora, **kw)
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """tokens: int [B, T] -> [B, T, D]."""

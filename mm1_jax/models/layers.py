@@ -3,10 +3,14 @@
 Every parameter is created with logical axis names (see mm1_jax/sharding.py
 for the table that maps them to mesh axes); layers never name mesh axes.
 Norms and softmax run in float32 whatever the compute dtype.
+
+Every linear is a DenseGeneral, which also carries the LoRA adapters when
+its module path is among the targets of a LoraScope (mm1_jax/models/lora.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -14,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mm1_jax.models.config import LoraConfig
 from mm1_jax.sharding import constrain
 
 Dtype = jnp.dtype | str
@@ -29,12 +34,58 @@ def as_dtype(name: Dtype) -> jnp.dtype:
   return jnp.dtype(name)
 
 
+# Logical axis of the adapters' rank dim (replicated: the rank is small).
+LORA_RANK_AXIS = "lora_rank"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraScope:
+  """The LoRA settings of one tower, as its layers see them.
+
+  part: the tower's name in the MM1 params tree ("llm"); root: the tower
+  module's scope path (() when it is the module applied, ("llm",) inside
+  MM1Model). A linear's module path is the part followed by its path below
+  the tower, "llm/blocks/layer_0/attn/query", whether the tower runs alone
+  or inside MM1Model; config.targets are matched against it.
+  """
+  config: LoraConfig
+  part: str
+  root: tuple[str, ...] = ()
+
+  def module_path(self, scope_path: Sequence[str]) -> str:
+    return "/".join((self.part,) + tuple(scope_path)[len(self.root):])
+
+  def targets(self, scope_path: Sequence[str]) -> bool:
+    return self.config.targets_module(self.module_path(scope_path))
+
+
+def lora_a_init(in_axis: int | Sequence[int], batch_axis: Sequence[int] = ()) -> Callable:
+  """Init of A [*batch, *in_dims, rank]: torch nn.Linear's default (what peft
+  gives lora_A), Kaiming-uniform with a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=in_axis,
+                                          out_axis=-1, batch_axis=tuple(batch_axis))
+
+
+def lora_dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
+  """Inverted dropout of an adapter's input, only when `module` has a 'dropout'
+  rng (the train step passes one); evaluation and decoding pass none."""
+  if rate == 0.0 or not module.has_rng("dropout"):
+    return x
+  keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
 class DenseGeneral(nn.Module):
   """Linear map over the trailing `len(axis)` dims to `features` dims.
 
   The kernel [*in_dims, *features] is created at its full shape, so its
   logical axis names (one per kernel dim) hold from the first moment; flax's
   DenseGeneral initialises a flattened kernel, which breaks that under a mesh.
+
+  With a `lora` scope that targets this module's path, the layer also holds
+  adapters lora_a [*in_dims, r] and lora_b [r, *features] (logical axes: the
+  kernel's in axes + "lora_rank", "lora_rank" + its out axes) and computes
+  y = x W (+ bias) + scale * (dropout(x) A) B, as peft does.
   """
   features: tuple[int, ...]
   kernel_axes: tuple[str | None, ...]
@@ -43,6 +94,7 @@ class DenseGeneral(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Callable | None = None  # Default: fan-in scaled truncated normal.
+  lora: LoraScope | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -52,30 +104,45 @@ class DenseGeneral(nn.Module):
     init = self.kernel_init or nn.initializers.variance_scaling(
         1.0, "fan_in", "truncated_normal", in_axis=tuple(range(num_in)),
         out_axis=tuple(range(num_in, num_in + num_out)))
+    param_dtype = as_dtype(self.param_dtype)
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
-                        in_dims + self.features, as_dtype(self.param_dtype))
+                        in_dims + self.features, param_dtype)
     dtype = as_dtype(self.dtype)
-    y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
-                            ((axis, tuple(range(num_in))), ((), ())))
+    contract = ((axis, tuple(range(num_in))), ((), ()))
+    y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), contract)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
-          nn.initializers.zeros, self.kernel_axes[num_in:]), self.features,
-                        as_dtype(self.param_dtype))
+          nn.initializers.zeros, self.kernel_axes[num_in:]), self.features, param_dtype)
       y = y + bias.astype(dtype)
+    if self.lora is not None and self.lora.targets(self.path):
+      c = self.lora.config
+      lora_a = self.param("lora_a", nn.with_logical_partitioning(
+          lora_a_init(tuple(range(num_in))), self.kernel_axes[:num_in] + (LORA_RANK_AXIS,)),
+                          in_dims + (c.rank,), param_dtype)
+      lora_b = self.param("lora_b", nn.with_logical_partitioning(
+          nn.initializers.zeros, (LORA_RANK_AXIS,) + self.kernel_axes[num_in:]),
+                          (c.rank,) + self.features, param_dtype)
+      h = jax.lax.dot_general(lora_dropout(self, x, c.dropout).astype(dtype),
+                              lora_a.astype(dtype), contract)  # [..., r]
+      h = jax.lax.dot_general(h, lora_b.astype(dtype), (((h.ndim - 1,), (0,)), ((), ())))
+      y = y + h * jnp.asarray(c.scale, dtype)
     return y
 
 
 def dense(features: int | Sequence[int], axes: Sequence[str | None], *, name: str | None = None,
           dtype: Dtype, param_dtype: Dtype, use_bias: bool = False,
-          axis: int | Sequence[int] = -1, kernel_init: Callable | None = None) -> DenseGeneral:
+          axis: int | Sequence[int] = -1, kernel_init: Callable | None = None,
+          lora: LoraScope | None = None) -> DenseGeneral:
   """A DenseGeneral whose kernel carries logical axes `axes` (in dims + out dims).
 
-  The bias, if any, takes the logical names of the output dims.
+  The bias, if any, takes the logical names of the output dims. `lora`: the
+  tower's LoRA scope (adapters when it targets this layer's path), or None.
   """
   features = (features,) if isinstance(features, int) else tuple(features)
   axis = (axis,) if isinstance(axis, int) else tuple(axis)
   return DenseGeneral(features=features, kernel_axes=tuple(axes), axis=axis, use_bias=use_bias,
-                      dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, name=name)
+                      dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, lora=lora,
+                      name=name)
 
 
 def layer_norm(*, name: str, eps: float, param_dtype: Dtype, use_bias: bool = True) -> nn.LayerNorm:
@@ -321,12 +388,13 @@ class Attention(nn.Module):
   implementation: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: LoraScope | None = None  # Adapters on the targeted projections.
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                positions: jax.Array | None = None, cache: KVCache | None = None
                ) -> jax.Array | tuple[jax.Array, KVCache]:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
     width = x.shape[-1]
     query = dense((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"),
                   name="query", use_bias=self.qkv_bias, **kw)(x)
@@ -358,10 +426,11 @@ class GatedMlp(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: LoraScope | None = None  # Adapters on the targeted projections.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
     gate = dense(self.mlp_dim, ("embed", "mlp"), name="gate", **kw)(x)
     up = dense(self.mlp_dim, ("embed", "mlp"), name="up", **kw)(x)
     hidden = constrain(nn.silu(gate) * up, ("activation_batch", "activation_length",
@@ -376,9 +445,10 @@ class Mlp(nn.Module):
   out_dim: int | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: LoraScope | None = None  # Adapters on the targeted projections.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True, lora=self.lora)
     hidden = activation(self.activation)(dense(self.mlp_dim, ("embed", "mlp"), name="fc1", **kw)(x))
     return dense(self.out_dim or x.shape[-1], ("mlp", "embed"), name="fc2", **kw)(hidden)

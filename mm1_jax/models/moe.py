@@ -18,18 +18,25 @@ only:
   the k * n top-k assignments that went to expert i, P_i the mean router
   probability of expert i;
 - router_z_loss = mean over tokens of logsumexp(logits)^2 (ST-MoE).
+
+LoRA: an expert projection whose module path (".../moe/gate", "up", "down")
+a LoraScope targets gets per-expert adapters {name}_lora_a [E, in, r] and
+{name}_lora_b [E, r, out]; each expert's matmul then adds
+scale * (dropout(x) A_e) B_e, in both dispatch implementations.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mm1_jax.models.config import DecoderConfig
-from mm1_jax.models.layers import RESIDUAL_AXES, Dtype, as_dtype, dense
+from mm1_jax.models.layers import (LORA_RANK_AXIS, RESIDUAL_AXES, Dtype, LoraScope, as_dtype,
+                                   dense, lora_a_init, lora_dropout)
 from mm1_jax.sharding import constrain
 
 # The statistics in the aux of MoeFeedForward (and of the decoder, summed over
@@ -46,6 +53,29 @@ EXPERT_KERNEL_INIT = nn.initializers.variance_scaling(
 # in name order) and the batch takes the remaining data axes; the change of
 # layout between the token-sharded input and these is GShard's all-to-all.
 _EXPERT_ACT = ("activation_expert", "activation_batch", "activation_capacity")
+
+
+class ExpertLinear(NamedTuple):
+  """One projection of all E experts: kernel [E, in, out], and its adapters
+  lora_a [E, in, r], lora_b [E, r, out] (None when not targeted).
+
+  dropout: the adapters' input dropout (identity outside training).
+  """
+  kernel: jax.Array
+  lora_a: jax.Array | None = None
+  lora_b: jax.Array | None = None
+  scale: float = 1.0
+  dropout: Callable[[jax.Array], jax.Array] = lambda x: x
+
+  def __call__(self, x: jax.Array, matmul: Callable[[jax.Array, jax.Array], jax.Array]
+               ) -> jax.Array:
+    """x @ kernel per expert, plus the low-rank update. matmul(lhs, rhs) is
+    the dispatch's per-expert product of lhs [..., in] and rhs [E, in, out]."""
+    y = matmul(x, self.kernel)
+    if self.lora_a is None:
+      return y
+    update = matmul(matmul(self.dropout(x), self.lora_a), self.lora_b)
+    return y + update * jnp.asarray(self.scale, y.dtype)
 
 
 def capacity(config: DecoderConfig, group_size: int) -> int:
@@ -71,6 +101,7 @@ class MoeFeedForward(nn.Module):
   config: DecoderConfig
   dtype: Dtype = "float32"
   param_dtype: Dtype = "float32"
+  lora: LoraScope | None = None  # Adapters on the targeted router / expert projections.
 
   @nn.compact
   def __call__(self, x: jax.Array, token_mask: jax.Array | None = None
@@ -86,18 +117,30 @@ class MoeFeedForward(nn.Module):
     # Router in float32 whatever the compute dtype: near-ties between experts
     # flip under bf16 rounding, and the z-loss needs accurate logits.
     logits = dense(num_experts, ("embed", "expert"), name="router",
-                   dtype=jnp.float32, param_dtype=param_dtype)(x.astype(jnp.float32))
+                   dtype=jnp.float32, param_dtype=param_dtype,
+                   lora=self.lora)(x.astype(jnp.float32))
     probs = jax.nn.softmax(logits, axis=-1)  # [B, T, E]
     top_weights, top_experts = jax.lax.top_k(probs, top_k)  # [B, T, k]
     top_weights = top_weights / jnp.sum(top_weights, axis=-1, keepdims=True)
 
-    def expert_param(name, shape, axes):
-      return self.param(name, nn.with_logical_partitioning(EXPERT_KERNEL_INIT, axes),
-                        shape, param_dtype).astype(dtype)
+    def expert_linear(name, in_dim, out_dim, axes) -> ExpertLinear:
+      kernel = self.param(name, nn.with_logical_partitioning(EXPERT_KERNEL_INIT, axes),
+                          (num_experts, in_dim, out_dim), param_dtype).astype(dtype)
+      if self.lora is None or not self.lora.targets(self.path + (name,)):
+        return ExpertLinear(kernel)
+      c = self.lora.config
+      lora_a = self.param(f"{name}_lora_a", nn.with_logical_partitioning(
+          lora_a_init(-2, batch_axis=(0,)), axes[:2] + (LORA_RANK_AXIS,)),
+                          (num_experts, in_dim, c.rank), param_dtype)
+      lora_b = self.param(f"{name}_lora_b", nn.with_logical_partitioning(
+          nn.initializers.zeros, (axes[0], LORA_RANK_AXIS, axes[2])),
+                          (num_experts, c.rank, out_dim), param_dtype)
+      return ExpertLinear(kernel, lora_a.astype(dtype), lora_b.astype(dtype), c.scale,
+                          lambda h: lora_dropout(self, h, c.dropout))
 
-    gate = expert_param("gate", (num_experts, width, mlp_dim), ("expert", "embed", "mlp"))
-    up = expert_param("up", (num_experts, width, mlp_dim), ("expert", "embed", "mlp"))
-    down = expert_param("down", (num_experts, mlp_dim, width), ("expert", "mlp", "embed"))
+    gate = expert_linear("gate", width, mlp_dim, ("expert", "embed", "mlp"))
+    up = expert_linear("up", width, mlp_dim, ("expert", "embed", "mlp"))
+    down = expert_linear("down", mlp_dim, width, ("expert", "mlp", "embed"))
 
     aux = _router_losses(logits, probs, top_experts, token_mask)
     x = x.astype(dtype)
@@ -131,11 +174,17 @@ def _router_losses(logits: jax.Array, probs: jax.Array, top_experts: jax.Array,
   return {"balance_loss": balance, "router_z_loss": z_loss}
 
 
-def _expert_ffn(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+def _per_expert_matmul(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+  """lhs [E, B, C, in] @ rhs [E, in, out] -> [E, B, C, out]."""
+  return jnp.einsum("ebci,eio->ebco", lhs, rhs)
+
+
+def _expert_ffn(x: jax.Array, gate: ExpertLinear, up: ExpertLinear, down: ExpertLinear
+                ) -> jax.Array:
   """SwiGLU per expert, batched by einsum. x: [E, B, C, D] -> [E, B, C, D]."""
-  hidden = nn.silu(jnp.einsum("ebcd,edf->ebcf", x, gate)) * jnp.einsum("ebcd,edf->ebcf", x, up)
+  hidden = nn.silu(gate(x, _per_expert_matmul)) * up(x, _per_expert_matmul)
   hidden = constrain(hidden, _EXPERT_ACT + ("activation_mlp",))
-  out = jnp.einsum("ebcf,efd->ebcd", hidden, down)
+  out = down(hidden, _per_expert_matmul)
   return constrain(out, _EXPERT_ACT + ("activation_embed",))
 
 
@@ -144,11 +193,12 @@ def _capacity_dispatch(x, top_experts, top_weights, token_mask, gate, up, down,
   """GShard dispatch with `num_slots` (C) slots per expert per batch row.
 
   x: [B, T, D]; top_experts: int [B, T, k]; top_weights: float32 [B, T, k];
-  token_mask: bool [B, T]; gate, up: [E, D, F]; down: [E, F, D].
+  token_mask: bool [B, T]; gate, up: ExpertLinear of kernels [E, D, F];
+  down: of kernels [E, F, D].
   Returns y [B, T, D] and the dropped fraction (float32 scalar).
   """
   batch, length, top_k = top_experts.shape
-  num_experts = gate.shape[0]
+  num_experts = gate.kernel.shape[0]
   # [B, k, T, E]: choice-major, so the cumsum below hands out slots to every
   # token's 1st choice before any 2nd choice (GShard's priority); padding
   # rows are all zero, so they take no slot.
@@ -185,7 +235,7 @@ def _dropless_dispatch(x, top_experts, top_weights, token_mask, gate, up, down) 
   (static shapes); padding tokens get weight 0, hence output 0.
   """
   batch, length, top_k = top_experts.shape
-  num_experts = gate.shape[0]
+  num_experts = gate.kernel.shape[0]
   num_tokens = batch * length
   tokens = x.reshape(num_tokens, x.shape[-1])
   experts = top_experts.reshape(num_tokens * top_k)
@@ -199,8 +249,8 @@ def _dropless_dispatch(x, top_experts, top_weights, token_mask, gate, up, down) 
   def grouped(lhs, rhs):
     return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
 
-  hidden = nn.silu(grouped(sorted_tokens, gate)) * grouped(sorted_tokens, up)
-  sorted_out = grouped(hidden, down)  # [N * k, D]
+  hidden = nn.silu(gate(sorted_tokens, grouped)) * up(sorted_tokens, grouped)
+  sorted_out = down(hidden, grouped)  # [N * k, D]
   # Undo the sort with a gather (the inverse permutation), then a weighted sum
   # over the k choices; float32 for that sum.
   inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from mm1_jax.data.batch import check_image_placeholders
 from mm1_jax.models import layers
+from mm1_jax.models import lora as lora_lib
 from mm1_jax.models.config import MM1Config
 from mm1_jax.models.connectors import build_connector
 from mm1_jax.models.decoder import Decoder, moe_aux_loss
@@ -41,8 +42,10 @@ def splice_image_embeddings(text_embeddings: jax.Array, tokens: jax.Array,
 
 
 def _frozen(module_cls, methods=("__call__",)):
-  """The module class with stop_gradient on its parameters (a frozen tower)."""
-  return nn.map_variables(module_cls, "params", trans_in_fn=jax.lax.stop_gradient,
+  """The module class with stop_gradient on its base parameters (a frozen
+  tower): no weight gradient is computed for them. LoRA adapters in it
+  (lora.is_adapter) keep their gradients."""
+  return nn.map_variables(module_cls, "params", trans_in_fn=lora_lib.stop_base_gradients,
                           init=True, methods=list(methods))
 
 
@@ -57,6 +60,10 @@ class MM1Model(nn.Module):
   Returns (logits float32 [B, T, vocab], aux) where aux holds the MoE
   statistics and 'moe_loss', their weighted sum to add to the loss.
 
+  With config.lora enabled the LLM's targeted linears carry adapters and its
+  base parameters are frozen (no gradient); LoRA dropout is active when the
+  caller passes a 'dropout' rng (the train step does).
+
   Decoding with a KV cache (mm1_jax/evaluation/decoding.py drives these):
   `prefill` runs right-padded prompts into a cache from decoder.init_cache,
   `decode_step` appends one token per row.
@@ -69,9 +76,10 @@ class MM1Model(nn.Module):
     encoder_cls = _frozen(VisionTransformer) if c.freeze_encoder else VisionTransformer
     self.encoder = encoder_cls(c.encoder, **kw)
     self.connector = build_connector(c.connector, c.llm.width, **kw)
-    llm_cls = (_frozen(Decoder, ("__call__", "embed", "extend", "logits")) if c.freeze_llm
-               else Decoder)
-    self.llm = llm_cls(c.llm, **kw)
+    # LoRA adapts the LLM: its base is frozen, only the adapters train.
+    llm_cls = (_frozen(Decoder, ("__call__", "embed", "extend", "logits"))
+               if c.freeze_llm or c.lora.enabled else Decoder)
+    self.llm = llm_cls(c.llm, lora=c.lora, **kw)
 
   def encode_images(self, images: jax.Array, image_mask: jax.Array) -> jax.Array:
     """images: uint8 [B, N, H, W, 3] -> image embeddings [B, N, M, D_llm].

@@ -16,6 +16,12 @@ AdamW). Do not put 0.1 * eta into `weight_decay`: that would decay by
 0.1 * eta^2.
 
 Parameter trees are the *unboxed* ones (`nn.unbox(variables)['params']`).
+
+Frozen parameters get no optimizer state (set_to_zero). Which leaves train:
+the parts not in `freeze`, except that a part holding LoRA adapters
+(mm1_jax/models/lora.py) trains only its adapters (its base is frozen, as
+LoRA means), and adapters train wherever they are. The connector may have
+its own peak learning rate (LLaVA's LoRA recipe: 2e-4, the projector 2e-5).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mm1_jax.models.lora import is_adapter
 from mm1_jax.typed_config import ConfigError, dataclass_from_dict, to_plain_dict
 
 # Top-level parts of MM1Model's params that `freeze` may name.
@@ -62,8 +69,11 @@ class OptimizerConfig:
   weight_decay: float = 0.1
   decay_embeddings: bool = False  # Also decay the token embedding table.
   grad_clip_norm: float = 1.0  # Global-norm clipping; 0 = off.
-  # Top-level parts whose params get no update and no optimizer state.
+  # Top-level parts whose params get no update and no optimizer state (LoRA
+  # adapters in them still train; a part with adapters has its base frozen).
   freeze: tuple[str, ...] = ()
+  # Peak learning rate of the connector, on the same schedule; None: learning_rate.
+  connector_learning_rate: float | None = None
   # Micro-batches per optimizer step (the train step accumulates gradients).
   grad_accum_steps: int = 1
 
@@ -114,6 +124,12 @@ def validate(config: OptimizerConfig) -> None:
            f"freezes every part {c.freeze}; nothing would train.")
   _require(_is_int(c.grad_accum_steps) and c.grad_accum_steps >= 1, "grad_accum_steps",
            f"must be an integer >= 1, got {c.grad_accum_steps!r}.")
+  if c.connector_learning_rate is not None:
+    _require(c.connector_learning_rate > 0, "connector_learning_rate",
+             f"must be > 0 (or unset: learning_rate), got {c.connector_learning_rate}.")
+    _require("connector" not in c.freeze, "connector_learning_rate",
+             f"{c.connector_learning_rate} is set but optimizer.freeze={c.freeze} freezes the "
+             "connector; unset one of them.")
 
 
 def mm1_lr_law(num_non_embedding_params: int) -> float:
@@ -190,13 +206,28 @@ def weight_decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
 
 
 def partition_labels(params: Mapping[str, Any], freeze: tuple[str, ...] = ()) -> Any:
-  """Tree like params of 'train' | 'frozen', by top-level key."""
+  """Tree like params of 'train' | 'frozen', per leaf: LoRA adapters train;
+  other leaves are frozen in the parts listed in `freeze` and in the parts
+  that hold adapters (LoRA freezes their base), and train elsewhere."""
   unknown = sorted(set(freeze) - set(params))
   if unknown:
     raise ConfigError(f"optimizer.freeze: {unknown} not in the params' parts {sorted(params)}.")
+  adapted = {_path_names(path)[0] for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+             if is_adapter(_path_names(path))}
+  frozen_base = set(freeze) | adapted
+
+  def label(path, _):
+    names = _path_names(path)
+    return TRAIN if is_adapter(names) or names[0] not in frozen_base else FROZEN
+
   # tree_map keeps params' own containers (dict or FrozenDict), as optax needs.
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def connector_mask(params: Any) -> Any:
+  """Tree of bools like params: True for the connector's leaves."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: FROZEN if _path_names(path)[0] in freeze else TRAIN, params)
+      lambda path, _: _path_names(path)[0] == "connector", params)
 
 
 def make_optimizer(config: OptimizerConfig, params: Any, num_steps: int,
@@ -204,8 +235,11 @@ def make_optimizer(config: OptimizerConfig, params: Any, num_steps: int,
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(optimizer, schedule) for these params.
 
-  Trained parts: global-norm clipping (over the trained gradients only) then
-  AdamW with the schedule and the weight-decay mask. Frozen parts:
+  Trained leaves (partition_labels): global-norm clipping (over the trained
+  gradients only) then AdamW with the schedule and the weight-decay mask;
+  the connector's updates are then scaled by connector_learning_rate / peak
+  when that is set (the same schedule at another peak; weight decay, which
+  optax multiplies by the learning rate, follows). Frozen leaves:
   set_to_zero, which keeps no state, so they cost no Adam moments.
   params may be abstract (ShapeDtypeStructs): only their tree is read.
   """
@@ -217,6 +251,9 @@ def make_optimizer(config: OptimizerConfig, params: Any, num_steps: int,
                        weight_decay=config.weight_decay, mask=mask)]
   if config.grad_clip_norm > 0:
     train.insert(0, optax.clip_by_global_norm(config.grad_clip_norm))
+  if config.connector_learning_rate is not None:
+    ratio = config.connector_learning_rate / peak_learning_rate(config, num_non_embedding_params)
+    train.append(optax.masked(optax.scale(ratio), connector_mask))
   optimizer = optax.multi_transform(
       {TRAIN: optax.chain(*train), FROZEN: optax.set_to_zero()},
       partition_labels(params, config.freeze))

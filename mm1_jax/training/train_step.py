@@ -102,28 +102,33 @@ class TrainStep:
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": self.optimizer.init(params), "rng": state_rng}
 
-  def _loss(self, params, batch):
+  def _loss(self, params, batch, rng):
+    # Dropout (LoRA's, the only one) draws from a 'dropout' rng: only when it
+    # is on, so that a model without it compiles exactly as before.
+    rngs = {"dropout": rng} if self.model_config.lora.dropout > 0 else {}
     logits, aux = self.model.apply(
         {"params": params}, batch["decoder_input_tokens"], batch["images"], batch["image_mask"],
-        batch["decoder_positions"], batch["decoder_segment_ids"])
+        batch["decoder_positions"], batch["decoder_segment_ids"], rngs=rngs)
     return loss_lib.total_loss(logits, batch, aux, self.z_loss_weight)
 
-  def _grads(self, params, batch):
+  def _grads(self, params, batch, rng):
     """Gradients and metrics, accumulated over micro-batches when configured.
 
     Micro-batch gradients are weighted by their token counts, so the result
-    equals the full-batch gradient of the token-mean loss.
+    equals the full-batch gradient of the token-mean loss. rng: this step's
+    key (dropout), folded with the micro-batch index.
     """
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)
     if self.grad_accum_steps == 1:
-      (_, metrics), grads = grad_fn(params, batch)
+      (_, metrics), grads = grad_fn(params, batch, rng)
       return grads, metrics
     micro = jax.tree.map(
         lambda x: x.reshape((self.grad_accum_steps, -1) + x.shape[1:]), batch)
 
-    def accumulate(carry, micro_batch):
+    def accumulate(carry, micro_batch_and_index):
       grads_sum, metrics_sum, tokens_sum = carry
-      (_, metrics), grads = grad_fn(params, micro_batch)
+      micro_batch, index = micro_batch_and_index
+      (_, metrics), grads = grad_fn(params, micro_batch, jax.random.fold_in(rng, index))
       tokens = metrics["num_tokens"]
       grads_sum = jax.tree.map(lambda a, g: a + g * tokens, grads_sum, grads)
       metrics_sum = jax.tree.map(lambda a, m: a + m * tokens, metrics_sum, metrics)
@@ -131,10 +136,11 @@ class TrainStep:
 
     zeros_grads = jax.tree.map(jnp.zeros_like, params)
     first = jax.tree.map(lambda x: x[0], micro)
-    metrics_shape = jax.eval_shape(lambda: grad_fn(params, first)[0][1])
+    metrics_shape = jax.eval_shape(lambda: grad_fn(params, first, rng)[0][1])
     zeros_metrics = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics_shape)
     (grads_sum, metrics_sum, tokens), _ = jax.lax.scan(
-        accumulate, (zeros_grads, zeros_metrics, jnp.zeros((), jnp.float32)), micro)
+        accumulate, (zeros_grads, zeros_metrics, jnp.zeros((), jnp.float32)),
+        (micro, jnp.arange(self.grad_accum_steps)))
     total = jnp.maximum(tokens, 1.0)
     metrics = jax.tree.map(lambda m: m / total, metrics_sum)
     metrics["num_tokens"] = tokens
@@ -142,7 +148,7 @@ class TrainStep:
 
   def _step(self, state, batch):
     with sharding.use_mesh(self.mesh):
-      grads, metrics = self._grads(state["params"], batch)
+      grads, metrics = self._grads(state["params"], batch, state["rng"])
       updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
     metrics = {**metrics, "grad_norm": optax.global_norm(grads),

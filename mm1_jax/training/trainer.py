@@ -28,6 +28,7 @@ from mm1_jax import paths, sharding
 from mm1_jax.data.batch import check_image_placeholders, count_tokens
 from mm1_jax.experiment import Experiment
 from mm1_jax.models import accounting
+from mm1_jax.models import lora as lora_lib
 from mm1_jax.training import checkpoint as checkpoint_lib
 from mm1_jax.training import metrics as metrics_lib
 from mm1_jax.training.optimizer import make_optimizer
@@ -63,8 +64,11 @@ def write_config(experiment: Experiment, workdir: str) -> None:
 
 def build(experiment: Experiment) -> tuple[TrainStep, Any]:
   """The TrainStep (model, optimizer, mesh) of an experiment, and its model
-  config (frozen towers marked, so they get no gradient computed)."""
+  config (frozen towers marked, so they get no gradient computed; with LoRA
+  the LLM's base is frozen, its adapters train)."""
   model = experiment.trained_model
+  if model.lora.enabled:
+    model = model.replace(freeze_llm=True)
   mesh = sharding.make_mesh(experiment.mesh.sizes())
   params = accounting.abstract_params(model)
   counts = accounting.count_params(model, params)
@@ -122,12 +126,33 @@ def _initial_state(train_step: TrainStep, experiment: Experiment, checkpointer, 
     return state
   state = train_step.init(jax.random.key(experiment.train.seed))
   if experiment.init_from:
-    params, sources = checkpoint_lib.load_component_params(
-        experiment.init_from, train_step.abstract_state["params"], state["params"])
+    params, sources = load_init_from(experiment.init_from, train_step.abstract_state["params"],
+                                     state["params"])
     state = {**state, "params": params}
     for component in state["params"]:
       say(f"Initialised {component} from {sources.get(component, 'scratch (seed)')}")
   return state
+
+
+def load_init_from(paths, abstract_params, init_params):
+  """checkpoint.load_component_params, LoRA-aware: the checkpoints hold base
+  weights (converted, or merged by `python -m mm1_jax.convert --lora_merge`),
+  which are loaded while the adapters keep their fresh initialisation (A
+  random, B zero: the model starts equal to the base). A checkpoint that holds
+  adapters too (a LoRA run's) restores them as well."""
+  adapters = lora_lib.lora_params(init_params)
+  if not adapters:
+    return checkpoint_lib.load_component_params(paths, abstract_params, init_params)
+  try:
+    params, sources = checkpoint_lib.load_component_params(
+        paths, lora_lib.without_lora(abstract_params), lora_lib.without_lora(init_params))
+  except checkpoint_lib.CheckpointMismatchError as error:
+    holds_adapters = error.unexpected and all(lora_lib.is_adapter(path.split("/"))
+                                              for path in error.unexpected)
+    if error.missing or error.mismatched or not holds_adapters:
+      raise
+    return checkpoint_lib.load_component_params(paths, abstract_params, init_params)
+  return lora_lib.with_adapters(params, adapters), sources
 
 
 def evaluate(experiment: Experiment, workdir: str, step: int, params, model, mesh,
@@ -306,6 +331,8 @@ def train(experiment: Experiment, workdir: str) -> dict[str, Any]:
         f"ran out after step {done} of {num_steps}; saved step {done}.")
   checkpointer.wait()
   checkpointer.close()
+  if batches.consistent:  # Not stuck in a read (closing would wait for it).
+    data_source.close()
   reporter.flush()
   say(data_source.health.end_of_run_report())
   say(f"Done at step {done}. Checkpoints: {checkpointer.directory}; metrics: "
