@@ -32,6 +32,17 @@ model and its LoRA settings. The output holds the whole params tree
 (encoder, connector, llm); start from it with model.lora.rank=0 and
 --config.init_from=checkpoints/run_merged. A description of the merge is
 written to {output}/mm1_lora_merge.json.
+
+Hugging Face peft: the LLM adapters of such a run, as a peft adapter
+directory (adapter_config.json + adapter_model.safetensors, the module
+names of HF Llama / Mistral / Qwen2; dense LLMs only):
+
+    python -m mm1_jax.convert --lora_export --source=workdirs/run_lora \
+        --output=adapters/run_lora
+    # peft.PeftModel.from_pretrained(hf_model, "adapters/run_lora")
+
+A run whose checkpoints hold only what trained rebuilds its base from the
+config's init_from (checked against the saved fingerprint) for both.
 """
 
 from __future__ import annotations
@@ -64,6 +75,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("feature_layer", None, "Encoder: block whose output is the feature.")
   flags.DEFINE_bool("lora_merge", False, "--source is a LoRA training run (workdir or step "
                     "directory): merge its adapters into a plain params checkpoint.")
+  flags.DEFINE_bool("lora_export", False, "--source is a LoRA training run (workdir or step "
+                    "directory): write its LLM adapters as a Hugging Face peft adapter "
+                    "directory (adapter_config.json + adapter_model.safetensors).")
 
 
 def source_format(source: str) -> str:
@@ -170,38 +184,64 @@ def _run_workdir(source: str):
                    f"{{workdir}}/{checkpoint.CHECKPOINTS_DIR}/{{step}}.")
 
 
-def merge_lora_run(source: str) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Loads the parameters of a LoRA run's checkpoint (`source`: workdir or step
-  directory) and merges the adapters. Returns (plain params tree, description)."""
+def load_lora_run(source: str):
+  """The model config, params and step directory of a LoRA run's checkpoint
+  (`source`: its workdir, i.e. the newest step, or a step directory), read
+  on the host. The run's {workdir}/config.json gives the experiment; a
+  checkpoint holding only what trained gets its base rebuilt from the
+  config's init_from and checked (trainer.load_run_params, as evaluate and
+  generate do). Returns (MM1Config, params, experiment)."""
   import json
 
   import jax
 
-  from mm1_jax.models import accounting, lora
-  from mm1_jax.models.config import MM1Config
-  from mm1_jax.training import checkpoint
-  from mm1_jax.training.trainer import CONFIG_FILE
+  from mm1_jax import paths, sharding
+  from mm1_jax.experiment import Experiment
+  from mm1_jax.training import checkpoint, trainer
 
-  config_path = _run_workdir(source) / CONFIG_FILE
+  config_path = _run_workdir(source) / trainer.CONFIG_FILE
   if not config_path.exists():
     raise FileNotFoundError(f"--source={source}: the run's {config_path} is missing; "
-                            "--lora_merge needs it for the model and its LoRA settings.")
+                            "it gives the model and its LoRA settings.")
   values = json.loads(config_path.read_text())
-  model = MM1Config.from_dict(values.get("model", {}))
-  if not model.lora.enabled:
+  experiment = Experiment.from_config(values, check_init_from=False,
+                                      mixture_has_images=lambda *_: True)
+  if not experiment.model.lora.enabled:
     raise ValueError(f"--source={source}: the run's config has model.lora.rank=0 (no adapters); "
                      "its checkpoint is already plain: pass it to init_from as it is.")
   # On the host: a merge needs no accelerator, and the whole tree fits there.
-  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-  abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=cpu),
-                          accounting.abstract_params(model))
-  params = checkpoint.load_params(source, abstract)
+  cpu_mesh = sharding.make_mesh({"data": 1}, devices=jax.devices("cpu")[:1])
+  train_step, _ = trainer.build(experiment, mesh=cpu_mesh)
+  item_dir, _ = checkpoint._params_location(paths.as_path(source))  # pylint: disable=protected-access
+  params = trainer.load_run_params(experiment, train_step, str(item_dir.parent))
+  return experiment.model, jax.device_get(params), experiment
+
+
+def merge_lora_run(source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Loads the parameters of a LoRA run's checkpoint (`source`: workdir or step
+  directory) and merges the adapters. Returns (plain params tree, description)."""
+  from mm1_jax.models import lora
+
+  model, params, _ = load_lora_run(source)
   modules = lora.adapted_module_paths(params)
   merged = lora.merge_lora(params, model.lora)
   description = {"source": source, "lora": dataclasses.asdict(model.lora),
                  "scale": model.lora.scale, "merged_modules": modules,
                  "config_overrides": ["--config.model.lora.rank=0"]}
   return merged, description
+
+
+def export_lora_run(source: str, output: str) -> int:
+  """Writes the LLM adapters of a LoRA run's checkpoint as a Hugging Face peft
+  adapter directory (adapter_config.json + adapter_model.safetensors, HF
+  Llama / Mistral / Qwen2 module names). Returns the number of tensors."""
+  from mm1_jax.conversion import peft_lora
+
+  model, params, experiment = load_lora_run(source)
+  tensors = peft_lora.export_peft_adapters(params["llm"], model.llm, model.lora)
+  base = ",".join(experiment.init_from) or None
+  peft_lora.write_peft_adapter_dir(output, tensors, model.lora, base_model_name_or_path=base)
+  return len(tensors)
 
 
 def write_merged(output: str, params: dict[str, Any], description: dict[str, Any]) -> None:
@@ -213,6 +253,15 @@ def write_merged(output: str, params: dict[str, Any], description: dict[str, Any
   _check_new(output)
   checkpoint.save_params(paths.as_path(output), params)
   paths.write_json(paths.as_path(output) / LORA_MERGE_FILE, description, indent=2)
+
+
+def _main_lora_export(FLAGS) -> None:
+  if FLAGS.lora_merge:
+    raise ValueError("--lora_export and --lora_merge: choose one.")
+  count = export_lora_run(FLAGS.source, FLAGS.output)
+  print(f"Wrote the LoRA adapters of {FLAGS.source} ({count} tensors) as a peft adapter to "
+        f"{FLAGS.output}; load with peft.PeftModel.from_pretrained(hf_model, "
+        f"{FLAGS.output!r}).")
 
 
 def _main_lora_merge(FLAGS) -> None:
@@ -233,6 +282,9 @@ def main(argv: Sequence[str]) -> None:
   cli.start(argv)
   FLAGS = flags.FLAGS
   _check_new(FLAGS.output)  # Before minutes of conversion, not after.
+  if FLAGS.lora_export:
+    _main_lora_export(FLAGS)
+    return
   if FLAGS.lora_merge:
     _main_lora_merge(FLAGS)
     return

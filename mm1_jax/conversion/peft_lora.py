@@ -1,4 +1,4 @@
-"""Hugging Face peft LoRA adapters of a Llama-family LLM -> mm1_jax adapters.
+"""Hugging Face peft LoRA adapters of a Llama-family LLM <-> mm1_jax adapters.
 
 peft (src/peft/tuners/lora/) wraps each targeted nn.Linear; its state dict
 names the adapters {module}.lora_A[.{adapter}].weight [r, in] and
@@ -14,12 +14,28 @@ head dims split out as in the kernels, stacked over the scanned blocks.
     params = lora_lib.with_adapters(params, convert_peft_adapters(adapters, config, lora))
     Decoder(config, lora=lora).apply({"params": params}, tokens)
 
-Import direction only, dense decoders only (Mixtral's experts are
-parameters, not nn.Linear, in peft: not mapped here).
+Export is the inverse (`python -m mm1_jax.convert --lora_export`):
+
+    tensors = export_peft_adapters(params, config, lora)   # decoder params with adapters
+    write_peft_adapter_dir(output, tensors, lora, base_model_name_or_path)
+    peft.PeftModel.from_pretrained(hf_model, output)       # the same logits
+
+The layer stack is unscanned (layer i = block i // layers_per_block,
+position i % layers_per_block), the head dims are flattened, and the
+matrices are transposed to torch's [r, in] / [out, r]. hf_llm maps Q and K
+without a permutation (both use the rotate-half RoPE layout), so their
+adapters need none either. Llama, Mistral and Qwen2 share the module names
+(Qwen2's q/k/v biases belong to the base, not to the adapters).
+
+Dense decoders only, both ways (Mixtral's experts are parameters, not
+nn.Linear, in peft, and our router and expert adapters have no peft
+module: refused with a ConversionError).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from typing import Any, Mapping
 
@@ -34,7 +50,10 @@ HF_MODULES = {
     "q_proj": "attn/query", "k_proj": "attn/key", "v_proj": "attn/value", "o_proj": "attn/out",
     "gate_proj": "mlp/gate", "up_proj": "mlp/up", "down_proj": "mlp/down",
 }
+_OUR_MODULES = {ours: hf for hf, ours in HF_MODULES.items()}
 _PEFT_PREFIX = "base_model.model."
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 _ADAPTER = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(\.[^.]+)?\.weight$")
 _LAYER_MODULE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
 
@@ -156,3 +175,96 @@ def abstract_lora_decoder_params(config: DecoderConfig, lora: LoraConfig) -> Map
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   variables = jax.eval_shape(Decoder(config, lora=lora).init, jax.random.key(0), tokens)
   return nn.unbox(variables)["params"]
+
+
+def export_peft_adapters(params: Mapping[str, Any], config: DecoderConfig,
+                         lora: LoraConfig) -> dict[str, np.ndarray]:
+  """The adapters of Decoder(config, lora=lora) params (the LLM's params tree,
+  adapters included) -> peft's adapter tensors, named as in
+  adapter_model.safetensors (base_model.model.model.layers.{i}.self_attn.
+  q_proj.lora_A.weight: [r, in]; ...lora_B.weight: [out, r]), float32.
+  The inverse of split_peft_state_dict + convert_peft_adapters. Raises
+  ConversionError for adapters peft has no module for (MoE router, experts)."""
+  from mm1_jax.models import lora as lora_lib
+
+  if config.moe.enabled:
+    raise ConversionError("peft export of MoE (Mixtral) adapters is not supported: peft's "
+                          "Mixtral experts are parameters, not nn.Linear, and our router and "
+                          "expert adapters have no peft module; export dense decoders only.")
+  adapters = lora_lib.lora_params(params)
+  per_block = config.layers_per_block
+  tensors = {}
+  for module in lora_lib.adapted_module_paths(adapters):
+    names = module.split("/")
+    node = adapters
+    for name in names:
+      node = node[name]
+    a, b = np.asarray(node["lora_a"], np.float32), np.asarray(node["lora_b"], np.float32)
+    rank = a.shape[-1]
+    if rank != lora.rank:
+      raise ConversionError(f"{module}: adapters of rank {rank}, but the LoRA config has rank "
+                            f"{lora.rank}; export with the run's own config.")
+    to_a = lambda x: np.ascontiguousarray(x.reshape(-1, rank).T)   # [*in, r] -> [r, in]
+    to_b = lambda x: np.ascontiguousarray(x.reshape(rank, -1).T)   # [r, *out] -> [out, r]
+    if names == ["lm_head"]:
+      tensors[f"{_PEFT_PREFIX}lm_head.lora_A.weight"] = to_a(a)
+      tensors[f"{_PEFT_PREFIX}lm_head.lora_B.weight"] = to_b(b)
+      continue
+    within = "/".join(names[2:])
+    if names[0] != "blocks" or within not in _OUR_MODULES:
+      raise ConversionError(f"{module}: an adapted module with no Hugging Face Llama linear "
+                            f"(peft exports {sorted(_OUR_MODULES)} of a layer, and lm_head).")
+    position = int(names[1][len("layer_"):])
+    hf_module = _OUR_MODULES[within]
+    group = "self_attn" if within.startswith("attn/") else "mlp"
+    for block in range(a.shape[0]):
+      layer = block * per_block + position
+      prefix = f"{_PEFT_PREFIX}model.layers.{layer}.{group}.{hf_module}"
+      tensors[f"{prefix}.lora_A.weight"] = to_a(a[block])
+      tensors[f"{prefix}.lora_B.weight"] = to_b(b[block])
+  return dict(sorted(tensors.items()))
+
+
+def peft_adapter_config(lora: LoraConfig, tensors: Mapping[str, Any],
+                        base_model_name_or_path: str | None = None) -> dict[str, Any]:
+  """The adapter_config.json of exported tensors: peft's LoraConfig fields
+  (r, lora_alpha, use_rslora, lora_dropout, target_modules: the HF modules
+  that have adapters)."""
+  modules = sorted({name.split(".")[-3] for name in tensors})
+  return {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": base_model_name_or_path, "r": lora.rank,
+      "lora_alpha": lora.alpha, "use_rslora": lora.rslora, "lora_dropout": lora.dropout,
+      "target_modules": modules, "bias": "none", "fan_in_fan_out": False,
+      "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+      "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+  }
+
+
+def write_peft_adapter_dir(output: str, tensors: Mapping[str, np.ndarray], lora: LoraConfig,
+                           base_model_name_or_path: str | None = None) -> None:
+  """Writes a peft adapter directory: adapter_config.json and
+  adapter_model.safetensors (peft.PeftModel.from_pretrained(model, output))."""
+  from safetensors.numpy import save_file
+
+  os.makedirs(output, exist_ok=False)
+  save_file(dict(tensors), os.path.join(output, ADAPTER_WEIGHTS_FILE),
+            metadata={"format": "pt"})
+  with open(os.path.join(output, ADAPTER_CONFIG_FILE), "w") as f:
+    json.dump(peft_adapter_config(lora, tensors, base_model_name_or_path), f, indent=2)
+
+
+def read_peft_adapter_dir(directory: str, config: DecoderConfig) -> tuple[LoraConfig, dict[str, Any]]:
+  """A peft adapter directory -> (our LoraConfig, the decoder's adapters in
+  our params layout), by lora_config_from_peft and convert_peft_adapters."""
+  import types
+
+  from safetensors.numpy import load_file
+
+  with open(os.path.join(directory, ADAPTER_CONFIG_FILE)) as f:
+    values = json.load(f)
+  values.setdefault("use_rslora", False)
+  values.setdefault("lora_dropout", 0.0)
+  lora = lora_config_from_peft(types.SimpleNamespace(**values))
+  _, adapters = split_peft_state_dict(load_file(os.path.join(directory, ADAPTER_WEIGHTS_FILE)))
+  return lora, convert_peft_adapters(adapters, config, lora)

@@ -40,13 +40,17 @@ import abc
 import dataclasses
 import functools
 import re
-from typing import Callable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import numpy as np
-import seqio
 
-from mm1_jax.data import tokenizer
 from mm1_jax.data.config import CHAT_TEMPLATES
+
+# seqio and the tokenizer (so TensorFlow) are imported where they are used:
+# the chat program imports the turns and templates before its start-up
+# (which quiets TensorFlow's console noise).
+if TYPE_CHECKING:
+  import seqio
 
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
 ROLES = (SYSTEM, USER, ASSISTANT)
@@ -115,6 +119,7 @@ class _PieceEncoder:
   """encode / decode of text pieces as continuations (no dummy prefix)."""
 
   def __init__(self, vocabulary: seqio.Vocabulary):
+    import seqio
     if isinstance(vocabulary, seqio.SentencePieceVocabulary):
       import sentencepiece as spm
       from sentencepiece import sentencepiece_model_pb2
@@ -206,6 +211,7 @@ class ChatTemplate(abc.ABC):
 
   @functools.cached_property
   def _special_ids(self) -> dict[str, int]:
+    from mm1_jax.data import tokenizer
     return tokenizer.special_token_ids(self.vocabulary)
 
 

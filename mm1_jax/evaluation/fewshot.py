@@ -394,7 +394,7 @@ class FewShotEvaluationSet:
 # --- the chat format ----------------------------------------------------------------
 
 # The instructions of a 0-shot chat query (LLaVA's short-answer VQA prompt).
-CHAT_VQA_INSTRUCTION = "Answer the question using a single word."
+CHAT_VQA_INSTRUCTION = conversations.SHORT_ANSWER_INSTRUCTION  # As the bundled conversations.
 CHAT_CAPTION_INSTRUCTION = "Describe the image briefly."
 # The labels of the few-shot VQA format ("<image> Question: ... Answer:").
 _QUESTION_LABELS = re.compile(r"^Question:\s*|\s*Answer:$")
@@ -414,7 +414,11 @@ def chat_query_turns(example: TaskExample, vocabulary: seqio.Vocabulary, kind: s
   their own (VQA), or CHAT_CAPTION_INSTRUCTION (captions)."""
   markers = (conversations.IMAGE_MARKER + "\n") * len(example.images)
   if kind == metrics.VQA:
-    text = f"{markers}{vqa_question(example, vocabulary)}\n{CHAT_VQA_INSTRUCTION}"
+    # Written as a sentence, as a user types it and as the bundled
+    # conversations ask (easy-vqa's questions are lower case): a model tuned on
+    # a few hundred conversations is sensitive to it (benchmarks/RESULTS.md).
+    question = vqa_question(example, vocabulary)
+    text = f"{markers}{question[:1].upper()}{question[1:]}\n{CHAT_VQA_INSTRUCTION}"
   else:
     text = markers + CHAT_CAPTION_INSTRUCTION
   return [conversations.Turn(conversations.USER, text)]

@@ -93,6 +93,21 @@ def with_adapters(base: Mapping[str, Any], adapters: Mapping[str, Any]) -> dict[
   return out
 
 
+def select(tree: Mapping[str, Any], keep: Mapping[str, Any]) -> dict[str, Any]:
+  """Nested dict of the leaves of `tree` where the bool tree `keep` (same
+  structure) is True; empty dicts dropped. with_adapters(select(t, m),
+  select(t, not m)) puts a tree back together."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      sub = select(value, keep[key])
+      if sub:
+        out[key] = sub
+    elif keep[key]:
+      out[key] = value
+  return out
+
+
 def adapted_module_paths(params: Mapping[str, Any]) -> list[str]:
   """Module paths ("llm/blocks/layer_0/attn/query") of the linears that carry adapters."""
   modules = []

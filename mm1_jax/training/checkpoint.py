@@ -4,10 +4,18 @@ Layout of a workdir:
 
     {workdir}/checkpoints/{step}/default/...                    train state (Orbax PyTree)
     {workdir}/checkpoints/{step}/data/process_{i}-of-{n}/...    data position of process i
+    {workdir}/checkpoints/{step}/base/metadata                  LoRA runs: the frozen base (JSON)
 
 Both are items of one Orbax step: written into the step's temporary
 directory and committed together by its rename (or commit file on gs://),
 and deleted together when `keep` prunes the step.
+
+A LoRA run (model.lora.rank > 0) saves only what trains: its state's
+params hold the trainable leaves (the adapters, and e.g. the connector),
+and the step's `base` item records where the frozen base comes from (the
+run's init_from paths) and its `fingerprint` (see `fingerprint`); the
+trainer rebuilds the base from init_from on restore and checks it
+(mm1_jax/training/trainer.py, load_run_params).
 
 Usage in a training loop:
 
@@ -31,6 +39,8 @@ both at the same point.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import signal
 from typing import Any, Iterable, Mapping, Protocol
@@ -49,6 +59,8 @@ CHECKPOINTS_DIR = "checkpoints"
 # steps written before the data item existed, and load_params, read alike.
 STATE_ITEM = ocp.checkpoint_manager.DEFAULT_ITEM_NAME
 DATA_ITEM = "data"
+BASE_ITEM = "base"  # LoRA runs: JSON describing the frozen base (not saved in the state).
+_JSON_ITEM_FILE = "metadata"  # The file Orbax's JsonCheckpointHandler writes in its item.
 PARAMS_KEY = "params"
 # Files Orbax writes into every PyTree checkpoint directory.
 _PYTREE_METADATA_FILE = "_METADATA"
@@ -67,6 +79,10 @@ class CheckpointMismatchError(ValueError):
                mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]):
     super().__init__(message)
     self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+
+
+class BaseMismatchError(ValueError):
+  """A LoRA run's init_from gives another frozen base than its checkpoint's."""
 
 
 class CheckpointSaveError(OSError):
@@ -354,7 +370,8 @@ class Checkpointer:
     self._state_handler = _StateHandler(type_handler_registry=_type_handlers())
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={STATE_ITEM: self._state_handler, DATA_ITEM: DataPositionHandler()})
+        item_handlers={STATE_ITEM: self._state_handler, DATA_ITEM: DataPositionHandler(),
+                       BASE_ITEM: ocp.JsonCheckpointHandler()})
     self._pending: int | None = None  # The step of a save not yet checked (check_saved).
 
   # Saving.
@@ -366,8 +383,12 @@ class Checkpointer:
     return force or step % self.save_every == 0
 
   def save(self, step: int, state: Any, data_source: DataSource | None = None,
-           force: bool = False) -> bool:
+           force: bool = False, base: Mapping[str, Any] | None = None) -> bool:
     """Saves `state` (and the data position) if step % save_every == 0 or force.
+
+    base: a LoRA run's description of its frozen base (JSON-able: init_from,
+    fingerprint), saved as the step's BASE_ITEM; `state` then holds only the
+    trainable params.
 
     Returns whether a checkpoint was started. With async_save the arrays are
     written in the background; call `wait()` (or `close()`) before exiting.
@@ -378,6 +399,8 @@ class Checkpointer:
     items = {STATE_ITEM: _StateSave(state)}
     if data_source is not None:
       items[DATA_ITEM] = DataPositionSave(data_source)
+    if base is not None:
+      items[BASE_ITEM] = ocp.args.JsonSave(dict(base))
     try:
       saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     except OSError as error:  # The synchronous part: directories, the data position.
@@ -436,6 +459,14 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     logging.info("Restored step %d from %s", step, self.directory)
     return restored[STATE_ITEM]
+
+  def step_directory(self, step: int) -> epath.Path:
+    """The directory of committed `step`."""
+    return self._name_format.find_step(self.directory, step).path
+
+  def read_base(self, step: int) -> dict[str, Any] | None:
+    """The base description a LoRA run saved with `step` (None: a full state)."""
+    return read_base(self.step_directory(step))
 
   def check_compatible(self, step: int, abstract_state: Any) -> None:
     """Raises CheckpointMismatchError if `step` does not fit abstract_state."""
@@ -499,6 +530,66 @@ class Checkpointer:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+# ---------------------------------------------------------------------------
+# LoRA runs: the frozen base, described instead of saved.
+
+
+def read_base(step_dir: Any) -> dict[str, Any] | None:
+  """The BASE_ITEM of a Checkpointer step directory, or None when the step
+  holds the whole params (not a LoRA run's trainable-only state)."""
+  file = paths_lib.as_path(step_dir) / BASE_ITEM / _JSON_ITEM_FILE
+  return json.loads(file.read_text()) if file.exists() else None
+
+
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B9, 0x85EBCA6B, 0xC2B2AE35
+
+
+def _leaf_hashes(leaf: jax.Array) -> jax.Array:
+  """Two order-independent uint32 hashes of a leaf's bits, position-aware:
+  sum_i bits_i * (2 i + 1) and sum_i murmur3_mix(bits_i ^ i * golden), mod
+  2^32. Integer sums do not depend on the reduction order, so any sharding
+  gives the same value; any single changed element changes the first (odd
+  multipliers are invertible mod 2^32)."""
+  import jax.numpy as jnp
+  if leaf.dtype == jnp.bool_:
+    leaf = leaf.astype(jnp.uint8)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(leaf.dtype.itemsize)
+  if unsigned is None:  # 64-bit leaves: the two 32-bit halves.
+    bits = jax.lax.bitcast_convert_type(leaf, jnp.uint32)
+  else:
+    bits = jax.lax.bitcast_convert_type(leaf, unsigned).astype(jnp.uint32)
+  index = jnp.zeros(bits.shape, jnp.uint32)
+  stride = 1
+  for dim in reversed(range(bits.ndim)):  # Row-major flat index, without a reshape.
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, dim) * jnp.uint32(stride)
+    stride = (stride * bits.shape[dim]) % 2**32
+  linear = jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+  z = bits ^ (index * jnp.uint32(_GOLDEN))
+  z = (z ^ (z >> 16)) * jnp.uint32(_MIX1)
+  z = (z ^ (z >> 13)) * jnp.uint32(_MIX2)
+  z = z ^ (z >> 16)
+  return jnp.stack([linear, jnp.sum(z, dtype=jnp.uint32)])
+
+
+def fingerprint(tree: Any) -> str:
+  """A 64-bit hex fingerprint of a params tree: its paths, shapes, dtypes
+  and every bit of its values.
+
+  Cost: one jitted pass over the arrays where they are (sharded arrays stay
+  sharded; two uint32 per leaf come back to the host, then one sha256 over
+  paths, shapes and those): memory-bandwidth bound, milliseconds per GB on
+  an accelerator, about a second per GB on a CPU, and one compilation.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  hashes = jax.device_get(jax.jit(lambda xs: [_leaf_hashes(x) for x in xs])(
+      [leaf for _, leaf in leaves]))
+  digest = hashlib.sha256()
+  for (path, leaf), (linear, mixed) in zip(leaves, hashes):
+    digest.update(f"{path_string(path)}|{tuple(leaf.shape)}|{np.dtype(leaf.dtype).name}|"
+                  f"{int(linear)}|{int(mixed)};".encode())
+  return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------

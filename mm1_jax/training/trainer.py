@@ -62,14 +62,16 @@ def write_config(experiment: Experiment, workdir: str) -> None:
     path.write_text(experiment.config_json)
 
 
-def build(experiment: Experiment) -> tuple[TrainStep, Any]:
+def build(experiment: Experiment, mesh=None) -> tuple[TrainStep, Any]:
   """The TrainStep (model, optimizer, mesh) of an experiment, and its model
   config (frozen towers marked, so they get no gradient computed; with LoRA
-  the LLM's base is frozen, its adapters train)."""
+  the LLM's base is frozen, its adapters train). mesh: default, the
+  experiment's (e.g. one CPU device for a host-side merge)."""
   model = experiment.trained_model
   if model.lora.enabled:
     model = model.replace(freeze_llm=True)
-  mesh = sharding.make_mesh(experiment.mesh.sizes())
+  if mesh is None:
+    mesh = sharding.make_mesh(experiment.mesh.sizes())
   params = accounting.abstract_params(model)
   counts = accounting.count_params(model, params)
   optimizer, schedule = make_optimizer(experiment.optimizer, params, experiment.train.num_steps,
@@ -82,11 +84,14 @@ def build(experiment: Experiment) -> tuple[TrainStep, Any]:
 
 def restore_params(experiment: Experiment, workdir: str):
   """The latest checkpoint's parameters, placed on the run's mesh (for
-  evaluation and generation: no optimizer state, nothing written).
+  evaluation and generation: no optimizer state, nothing written). A LoRA
+  run's checkpoint holds only what trained: its base is rebuilt from
+  init_from and checked against the saved fingerprint (load_run_params).
 
   Returns (params, model_config, mesh, step). Raises FileNotFoundError when
-  the workdir has no checkpoint, and checkpoint.CheckpointMismatchError (the
-  message training gives) when it holds another config's.
+  the workdir has no checkpoint, checkpoint.CheckpointMismatchError (the
+  message training gives) when it holds another config's, and
+  checkpoint.BaseMismatchError when init_from gives another base.
   """
   train_step, model_config = build(experiment)
   # Checked first: the Checkpointer would create a missing directory.
@@ -100,22 +105,122 @@ def restore_params(experiment: Experiment, workdir: str):
     step = checkpointer.latest_step()
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {checkpointer.directory}.")
-    checkpointer.check_compatible(step, train_step.abstract_state)
+    trainable_only = checkpointer.read_base(step) is not None
+    checkpointer.check_compatible(step, saved_abstract_state(experiment, train_step,
+                                                             trainable_only))
     # Parameters only: the optimizer state would double the memory for nothing.
-    params = checkpoint_lib.load_params(str(checkpointer.directory / str(step)),
-                                        train_step.abstract_state["params"])
+    params = load_run_params(experiment, train_step, str(checkpointer.step_directory(step)))
   finally:
     checkpointer.close()
   logging.info("Restored the parameters of step %d from %s", step, checkpointer.directory)
   return params, model_config, train_step.mesh, step
 
 
+# ---------------------------------------------------------------------------
+# LoRA runs: checkpoints hold what trains; the base is described, not saved.
+
+
+def trainable_mask(experiment: Experiment, params) -> Any:
+  """Bool tree like params: the leaves the optimizer trains (LoRA: the
+  adapters and the parts not frozen, e.g. the connector)."""
+  from mm1_jax.training import optimizer as optimizer_lib
+  labels = optimizer_lib.partition_labels(params, experiment.optimizer.freeze)
+  return jax.tree.map(lambda label: label == optimizer_lib.TRAIN, labels)
+
+
+def saved_abstract_state(experiment: Experiment, train_step: TrainStep, trainable_only: bool):
+  """The abstract train state as checkpoints hold it: whole, or (a LoRA run's)
+  with only the trainable params."""
+  state = train_step.abstract_state
+  if not trainable_only:
+    return state
+  return {**state, "params": lora_lib.select(state["params"],
+                                             trainable_mask(experiment, state["params"]))}
+
+
+def to_save(state, mask):
+  """The state a checkpoint holds: a LoRA run's (mask given) without its frozen params."""
+  if mask is None:
+    return state
+  return {**state, "params": lora_lib.select(state["params"], mask)}
+
+
+def fresh_state(train_step: TrainStep, experiment: Experiment):
+  """(train state at step 0: init from train.seed, then init_from; {component: source})."""
+  state = train_step.init(jax.random.key(experiment.train.seed))
+  sources = {}
+  if experiment.init_from:
+    params, sources = load_init_from(experiment.init_from, train_step.abstract_state["params"],
+                                     state["params"])
+    state = {**state, "params": params}
+  return state, sources
+
+
+def describe_base(experiment: Experiment, params) -> dict[str, Any]:
+  """What a LoRA run's checkpoints record of its frozen base: where it comes
+  from (init_from, and train.seed for parts no init_from path holds) and the
+  fingerprint of every frozen leaf (checkpoint.fingerprint)."""
+  frozen = jax.tree.map(lambda train: not train, trainable_mask(experiment, params))
+  return {"init_from": list(experiment.init_from), "seed": experiment.train.seed,
+          "fingerprint": checkpoint_lib.fingerprint(lora_lib.select(params, frozen))}
+
+
+def rebuild_base(experiment: Experiment, train_step: TrainStep, saved: dict[str, Any],
+                 where: str):
+  """A LoRA run's step-0 state (frozen base from init_from and the seed),
+  checked against the base description `saved` with its checkpoint (at
+  `where`). init_from: the experiment's, or the saved paths when it has none.
+  Returns (state, its base description). Raises checkpoint.BaseMismatchError."""
+  if not experiment.init_from and saved.get("init_from"):
+    experiment = experiment.replace(init_from=tuple(saved["init_from"]))
+  state, _ = fresh_state(train_step, experiment)
+  base = describe_base(experiment, state["params"])
+  if base["fingerprint"] != saved["fingerprint"]:
+    raise checkpoint_lib.BaseMismatchError(
+        f"The LoRA checkpoint {where} was trained on the frozen base with fingerprint "
+        f"{saved['fingerprint']} (init_from={saved.get('init_from')}, seed "
+        f"{saved.get('seed')}), but init_from={list(experiment.init_from)} (seed "
+        f"{experiment.train.seed}) gives the base {base['fingerprint']}: pass the "
+        "unchanged init_from checkpoints the run was trained from (--config.init_from=...), "
+        "or use a fresh --workdir.")
+  return state, base
+
+
+def load_run_params(experiment: Experiment, train_step: TrainStep, step_dir: str):
+  """The params of a training run's step directory, into train_step's
+  shardings: read whole, or (a LoRA run's checkpoint) the trainable leaves
+  read over the base rebuilt by rebuild_base. The one function evaluate,
+  generate, chat and convert --lora_merge / --lora_export restore a run's
+  params with."""
+  abstract = train_step.abstract_state["params"]
+  saved = checkpoint_lib.read_base(step_dir)
+  if saved is None:
+    return checkpoint_lib.load_params(step_dir, abstract)
+  state, _ = rebuild_base(experiment, train_step, saved, step_dir)
+  trained = checkpoint_lib.load_params(
+      step_dir, lora_lib.select(abstract, trainable_mask(experiment, abstract)))
+  return lora_lib.with_adapters(state["params"], trained)
+
+
 def _initial_state(train_step: TrainStep, experiment: Experiment, checkpointer, data_source):
+  """(state, base): restored or fresh; base: a LoRA run's description of
+  its frozen base (saved with every checkpoint), else None."""
   chosen = experiment.train.restore_step
   if chosen is not None and chosen not in checkpointer.all_steps():
     raise ConfigError(f"train.restore_step: no checkpoint of step {chosen} in "
                       f"{checkpointer.directory}; it has steps {checkpointer.all_steps()}.")
-  state = checkpointer.restore(train_step.abstract_state, data_source, step=chosen)
+  step = chosen if chosen is not None else checkpointer.latest_step()
+  saved = checkpointer.read_base(step) if step is not None else None
+  base = None
+  if saved is not None:  # Trainable leaves only: the base comes from init_from again.
+    abstract = saved_abstract_state(experiment, train_step, trainable_only=True)
+    checkpointer.check_compatible(step, abstract)  # Before loading the base.
+    fresh, base = rebuild_base(experiment, train_step, saved,
+                               str(checkpointer.step_directory(step)))
+    restored = checkpointer.restore(abstract, data_source, step=step)
+    state = {**restored, "params": lora_lib.with_adapters(fresh["params"], restored["params"])}
+  else:
+    state = checkpointer.restore(train_step.abstract_state, data_source, step=chosen)
   if state is not None:
     say(f"Restored step {int(state['step'])} from {checkpointer.directory}")
     later = [step for step in checkpointer.all_steps() if step > int(state["step"])]
@@ -123,15 +228,14 @@ def _initial_state(train_step: TrainStep, experiment: Experiment, checkpointer, 
       checkpointer.delete(step)
     if later:
       say(f"Deleted the later checkpoints {later} (train.restore_step={chosen}).")
-    return state
-  state = train_step.init(jax.random.key(experiment.train.seed))
-  if experiment.init_from:
-    params, sources = load_init_from(experiment.init_from, train_step.abstract_state["params"],
-                                     state["params"])
-    state = {**state, "params": params}
-    for component in state["params"]:
-      say(f"Initialised {component} from {sources.get(component, 'scratch (seed)')}")
-  return state
+  else:
+    state, sources = fresh_state(train_step, experiment)
+    if experiment.init_from:
+      for component in state["params"]:
+        say(f"Initialised {component} from {sources.get(component, 'scratch (seed)')}")
+  if experiment.model.lora.enabled and base is None:
+    base = describe_base(experiment, state["params"])
+  return state, base
 
 
 def load_init_from(paths, abstract_params, init_params):
@@ -139,7 +243,18 @@ def load_init_from(paths, abstract_params, init_params):
   weights (converted, or merged by `python -m mm1_jax.convert --lora_merge`),
   which are loaded while the adapters keep their fresh initialisation (A
   random, B zero: the model starts equal to the base). A checkpoint that holds
-  adapters too (a LoRA run's) restores them as well."""
+  adapters too (a LoRA run's whole params) restores them as well; one of a LoRA
+  run that holds only what trained is refused, naming --lora_merge."""
+  for path in paths:  # A LoRA run's checkpoint lacks its base: name the way out.
+    item_dir, in_train_state = checkpoint_lib._params_location(  # pylint: disable=protected-access
+        checkpoint_lib.paths_lib.as_path(path))
+    saved = checkpoint_lib.read_base(item_dir.parent) if in_train_state else None
+    if saved is not None:
+      raise checkpoint_lib.CheckpointMismatchError(
+          f"init_from: {path} is a LoRA run's checkpoint, which holds only what trained (its "
+          f"base comes from {saved.get('init_from')}); merge it first (python -m "
+          f"mm1_jax.convert --lora_merge --source={path} --output=DIR) and pass DIR, or resume "
+          "that run in its own workdir.", missing=[], unexpected=[], mismatched=[])
   adapters = lora_lib.lora_params(init_params)
   if not adapters:
     return checkpoint_lib.load_component_params(paths, abstract_params, init_params)
@@ -260,7 +375,9 @@ def train(experiment: Experiment, workdir: str) -> dict[str, Any]:
   checkpointer = checkpoint_lib.Checkpointer(
       workdir, save_every=settings.checkpoint_every, keep=settings.keep_checkpoints + 1,
       async_save=settings.async_checkpoint)
-  state = _initial_state(train_step, experiment, checkpointer, data_source)
+  state, base = _initial_state(train_step, experiment, checkpointer, data_source)
+  # A LoRA run saves the trainable leaves only, and the description of its base.
+  mask = trainable_mask(experiment, state["params"]) if base is not None else None
   # Only now: a workdir of another config must fail restore before anything is written.
   write_config(experiment, workdir)
   peak, peak_source = metrics_lib.device_peak_tflops(settings.peak_tflops)
@@ -310,7 +427,8 @@ def train(experiment: Experiment, workdir: str) -> dict[str, Any]:
         evaluate(experiment, workdir, done, state["params"], model, train_step.mesh,
                  reporter.writer)
       if is_checkpoint_step(done):
-        if checkpointer.save(done, state, data_source, force=done == num_steps):
+        if checkpointer.save(done, to_save(state, mask), data_source,
+                             force=done == num_steps, base=base):
           last_saved = done
         batches.resume()
       if guard.requested and not batches.stopping:
@@ -318,7 +436,8 @@ def train(experiment: Experiment, workdir: str) -> dict[str, Any]:
         batches.stop()
     if done > last_saved and batches.consistent:  # Preempted, or the data ran out.
       window.check(checkpointer, loss_log)
-      checkpointer.save(done, state, data_source, force=True)
+      checkpointer.save(done, to_save(state, mask), data_source, force=True,
+                        base=base)
   if guard.requested and not batches.consistent:
     window.check(checkpointer, loss_log)
     say(f"{guard.signal_name} received while the input pipeline was stuck in a read for "

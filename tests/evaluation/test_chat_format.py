@@ -41,6 +41,7 @@ def test_chat_prompts_are_the_template_rendering(template_name):
     few_shot_text = vqa.vocabulary.decode(query.inputs.tolist())
     question = few_shot_text.split("Question:")[1].split("Answer:")[0].strip()
     assert question.endswith("?") and fewshot.vqa_question(query, vqa.vocabulary) == question
+    question = question[0].upper() + question[1:]  # Chat prompts write it as a sentence.
     turns = [Turn(USER, f"<image>\n{question}\n{VQA_INSTRUCTION}")]
     np.testing.assert_array_equal(prompt.tokens, expected_tokens(template, turns, model))
     assert prompt.text == template.decode(template.render(turns, True).tokens)

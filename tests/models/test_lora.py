@@ -265,3 +265,66 @@ def test_adapters_carry_logical_axes_that_the_rules_table_shards():
   assert specs["layer_0"]["attn"]["query"]["lora_b"].spec == P(None, None, "tensor", None)
   assert specs["layer_0"]["mlp"]["down"]["lora_a"].spec == P(None, "tensor", None)
   assert specs["layer_1"]["moe"]["up_lora_b"].spec == P(None, "expert", None, "tensor")
+
+
+def hf_causal_lm(kind: str):
+  """A small random Hugging Face Llama or Qwen2 (q/k/v biases) in float32."""
+  torch.manual_seed(1)
+  common = dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=MLP,
+                num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                rope_theta=5000.0, rms_norm_eps=1e-5, attn_implementation="eager",
+                tie_word_embeddings=False)
+  if kind == "qwen2":
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)).eval()
+  return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
+
+
+@pytest.mark.parametrize("kind, targets, rslora", [
+    ("llama", ("llm/blocks/*",), False),
+    ("llama", ("llm/*/attn/query", "llm/*/attn/key", "llm/lm_head"), True),
+    ("qwen2", ("llm/blocks/*",), False)])
+def test_exported_adapters_load_in_peft_with_our_logits_and_import_back(
+    tmp_path, kind, targets, rslora):
+  from mm1_jax.conversion.peft_lora import (export_peft_adapters, read_peft_adapter_dir,
+                                            write_peft_adapter_dir)
+  hf = hf_causal_lm(kind)
+  config = decoder_config_from_hf(hf.config)
+  lora = LoraConfig(rank=4, alpha=8.0, rslora=rslora, targets=targets)
+  adapters = lora_lib.lora_params(jax.device_get(random_params(config, lora, seed=2)))
+  params = lora_lib.with_adapters(convert_decoder(hf.state_dict(), config), adapters)
+  ids = tokens()
+  ours = np.asarray(Decoder(config, lora=lora).apply({"params": params}, jnp.asarray(ids))[0])
+
+  output = str(tmp_path / "adapter")
+  tensors = export_peft_adapters(params, config, lora)
+  assert tensors["base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight"].shape == (
+      4, WIDTH)
+  assert tensors["base_model.model.model.layers.2.self_attn.k_proj.lora_B.weight"].shape == (
+      KV_HEADS * WIDTH // HEADS, 4)
+  write_peft_adapter_dir(output, tensors, lora)
+  with torch.no_grad():
+    base_logits = hf(torch.tensor(ids)).logits.numpy()
+    model = peft.PeftModel.from_pretrained(hf, output).eval()
+    reference = model(torch.tensor(ids)).logits.numpy()
+  assert max_relative_error(reference, base_logits) > 1e-2  # The adapters matter.
+  assert max_relative_error(ours, reference) <= 1e-5
+  # peft saw every tensor (none left at its own initialisation).
+  loaded = {name: value for name, value in peft.get_peft_model_state_dict(
+      model, save_embedding_layers=False).items() if ".lora_" in name}
+  assert sorted(loaded) == sorted(tensors)
+  for name, value in loaded.items():
+    np.testing.assert_array_equal(value.numpy(), tensors[name])
+
+  # Import back: the same LoRA settings and identical arrays.
+  imported_lora, imported = read_peft_adapter_dir(output, config)
+  assert (imported_lora.rank, imported_lora.alpha, imported_lora.rslora) == (4, 8.0, rslora)
+  assert lora_lib.adapted_module_paths(imported) == lora_lib.adapted_module_paths(adapters)
+  jax.tree.map(np.testing.assert_array_equal, imported, jax.device_get(adapters))
+
+
+def test_export_refuses_moe_adapters():
+  from mm1_jax.conversion.peft_lora import export_peft_adapters
+  config = small_decoder(moe=True)
+  lora = LoraConfig(rank=2, targets=("llm/blocks/*",))
+  with pytest.raises(ConversionError, match="MoE .*Mixtral.* not supported"):
+    export_peft_adapters(random_params(config, lora), config, lora)

@@ -499,3 +499,30 @@ def test_preemption_guard_takes_sigint_and_a_second_one_interrupts():
     assert guard.requested and guard.signal_name == "SIGINT"
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_fingerprint_sees_every_bit_and_not_the_sharding():
+  rng = np.random.default_rng(0)
+  tree = {"llm": {"kernel": rng.standard_normal((8, 6, 4)).astype(np.float32),
+                  "scale": np.ones((6,), jnp.bfloat16)},
+          "encoder": {"embedding": rng.standard_normal((16, 4)).astype(np.float32)}}
+  reference = ckpt.fingerprint(tree)
+  assert len(reference) == 16 and reference == ckpt.fingerprint(jax.tree.map(np.copy, tree))
+  # Sharded over 8 devices (another reduction order): the same value.
+  mesh = sharding.make_mesh({"data": 8})
+  sharded = dict(tree, llm=dict(tree["llm"], kernel=jax.device_put(
+      tree["llm"]["kernel"], NamedSharding(mesh, P("data")))))
+  assert ckpt.fingerprint(sharded) == reference
+  # One bit of one element, two swapped elements, a bf16 leaf, a renamed leaf.
+  flipped = np.copy(tree["llm"]["kernel"])
+  flipped.view(np.uint32)[3, 2, 1] ^= 1
+  swapped = np.copy(tree["encoder"]["embedding"])
+  swapped[[0, 1]] = swapped[[1, 0]]
+  scale = np.copy(tree["llm"]["scale"])
+  scale[5] = 2
+  others = [dict(tree, llm=dict(tree["llm"], kernel=flipped)),
+            dict(tree, encoder={"embedding": swapped}),
+            dict(tree, llm=dict(tree["llm"], scale=scale)),
+            dict(tree, encoder={"table": tree["encoder"]["embedding"]})]
+  prints = {ckpt.fingerprint(other) for other in others}
+  assert len(prints) == len(others) and reference not in prints

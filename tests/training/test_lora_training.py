@@ -217,3 +217,89 @@ def test_merging_a_runs_checkpoint_gives_a_plain_model_with_the_same_logits(tmp_
   np.testing.assert_allclose(plain, adapted, rtol=0, atol=1e-5 * scale)
   with pytest.raises(FileExistsError):
     convert.write_merged(str(tmp_path / "merged"), merged, description)
+
+
+def lora_run_config(num_steps, init_from):
+  """A tiny dense LoRA run on the bundled data, its LLM base from `init_from`."""
+  config = tiny.get_config("dense")
+  config.model.lora.update(rank=4, alpha=8.0)
+  config.optimizer.update(freeze=("encoder",), warmup_steps=1)
+  config.data.update(batch_size=8, seq_len=64)
+  config.train.update(num_steps=num_steps, log_every=1, checkpoint_every=2, keep_checkpoints=2,
+                      peak_tflops=1.0)
+  config.init_from = init_from
+  return config
+
+
+def directory_bytes(path) -> int:
+  return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def test_lora_checkpoints_hold_what_trains_and_resume_exactly(tmp_path, capsys):
+  """4 steps straight == 2 steps, restart, 2 more; the checkpoints hold the
+  adapters, the connector, their optimizer state and the base's description
+  (init_from, fingerprint); restoring rebuilds the base from init_from and
+  refuses another base."""
+  import json
+
+  experiment = experiment_of(lora_run_config(4, ""))
+  base_dir = str(tmp_path / "base_llm")
+  base = lora_lib.without_lora(testing.random_params(experiment.model, seed=3))
+  checkpoint_lib.save_params(base_dir, {"llm": base["llm"]})
+
+  def run(workdir, num_steps, init_from=base_dir):
+    trainer.train(Experiment.from_config(lora_run_config(num_steps, init_from)), str(workdir))
+    with open(workdir / trainer.LOSS_LOG) as f:
+      return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+  straight = run(tmp_path / "straight", 4)
+  run(tmp_path / "resumed", 2)
+  resumed = run(tmp_path / "resumed", 4)
+  assert sorted(straight) == sorted(resumed) == [1, 2, 3, 4]
+  assert [resumed[s] for s in (3, 4)] == [straight[s] for s in (3, 4)]  # Bit for bit.
+
+  # What a step holds: the trainable params only, and where the base comes from.
+  step_dir = tmp_path / "straight" / "checkpoints" / "4"
+  saved = checkpoint_lib.read_base(str(step_dir))
+  assert saved["init_from"] == [base_dir] and len(saved["fingerprint"]) == 16
+  train_step, model = trainer.build(experiment)
+  stored = checkpoint_lib._read_tree_metadata(step_dir / checkpoint_lib.STATE_ITEM)["params"]
+  stored_leaves = [checkpoint_lib.path_string(p) for p, _ in
+                   jax.tree_util.tree_flatten_with_path(stored)[0]]
+  assert stored_leaves and all(
+      lora_lib.is_adapter(path.split("/")) or path.startswith("connector/")
+      for path in stored_leaves)
+  # The state's size against the whole params of the same model (as before
+  # part 2); the data position (the input pipeline's state) is the same for both.
+  full = tmp_path / "full"
+  testing.write_random_checkpoint(experiment, str(full), step=4)
+  lora_bytes = directory_bytes(step_dir / checkpoint_lib.STATE_ITEM)
+  full_bytes = directory_bytes(full / "checkpoints" / "4" / checkpoint_lib.STATE_ITEM)
+  with capsys.disabled():
+    print(f"\ntiny LoRA train state: {lora_bytes} bytes; with the whole params: {full_bytes} "
+          f"bytes; data position: {directory_bytes(step_dir / checkpoint_lib.DATA_ITEM)} bytes")
+  assert lora_bytes < full_bytes / 3
+
+  # evaluate / generate / chat restore the same params: base from init_from.
+  restore_experiment = Experiment.from_config(lora_run_config(4, base_dir))
+  params, _, _, step = trainer.restore_params(restore_experiment, str(tmp_path / "straight"))
+  assert step == 4
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(
+      lora_lib.without_lora(params["llm"])), base["llm"])
+  assert any(np.any(np.asarray(x)) for x in jax.tree.leaves(lora_lib.lora_params(params)))
+  # ... as do convert --lora_merge and --lora_export (on the host).
+  merged, _ = convert.merge_lora_run(str(tmp_path / "straight"))
+  expected = jax.device_get(lora_lib.merge_lora(params, experiment.model.lora))
+  jax.tree.map(np.testing.assert_array_equal, merged, expected)
+  assert convert.export_lora_run(str(tmp_path / "straight"), str(tmp_path / "peft")) > 0
+  with open(tmp_path / "peft" / "adapter_config.json") as f:
+    assert json.load(f)["base_model_name_or_path"] == base_dir
+
+  # Another base under init_from: refused, naming both fingerprints and the path.
+  other_dir = str(tmp_path / "other_llm")
+  other = lora_lib.without_lora(testing.random_params(experiment.model, seed=4))
+  checkpoint_lib.save_params(other_dir, {"llm": other["llm"]})
+  with pytest.raises(checkpoint_lib.BaseMismatchError,
+                     match=rf"fingerprint {saved['fingerprint']} .*{other_dir}.* gives the "
+                           r"base [0-9a-f]{16}: pass the unchanged init_from"):
+    run(tmp_path / "resumed", 6, init_from=other_dir)
