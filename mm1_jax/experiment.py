@@ -258,6 +258,9 @@ def validate(e: Experiment, *, workdir: str | None = None, num_devices: int | No
              check_init_from: bool = True) -> None:
   """Every section alone, then the checks across sections."""
   validate_model(e.model)
+  if e.model.lora.enabled:
+    from mm1_jax.models import lora  # Builds the model abstractly: only for LoRA runs.
+    lora.check_targets(e.model.lora, e.model.llm)
   validate_input(e.data)
   validate_optimizer(e.optimizer)
   validate_train(e.train)

@@ -23,6 +23,7 @@ LoraConfig.scale); merge_lora folds them in: W' = W + scale * A B.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 from typing import Any, Mapping, Sequence
 
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mm1_jax.models.config import DecoderConfig, LoraConfig
+from mm1_jax.typed_config import ConfigError
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
 _SEPARATOR = "/"
@@ -168,6 +170,20 @@ def merge_lora(params: Mapping[str, Any], config: LoraConfig) -> dict[str, Any]:
     return out
 
   return walk(params, "")
+
+
+def check_targets(config: LoraConfig, llm: DecoderConfig, path: str = "model.lora") -> None:
+  """Raises ConfigError when a target pattern matches no linear that takes adapters."""
+  if not config.enabled:
+    return
+  available = linear_module_paths(llm)
+  for pattern in config.targets:
+    if not any(fnmatch.fnmatchcase(module, pattern) for module in available):
+      shown = ", ".join(available[:8]) + (" ..." if len(available) > 8 else "")
+      raise ConfigError(
+          f"{path}.targets: {pattern!r} matches no linear layer that takes adapters: only the "
+          f"LLM's do (not the encoder's or the connector's, which optimizer.freeze trains whole "
+          f"or freezes), {len(available)}: {shown}; e.g. 'llm/blocks/*' for all but lm_head.")
 
 
 @functools.lru_cache(maxsize=16)

@@ -220,7 +220,8 @@ def tiny_model(**lora) -> dict:
 ])
 def test_bad_lora_settings_are_one_line_config_errors(lora, field, message):
   with pytest.raises(ConfigError, match=field.replace(".", r"\.") + ": " + message) as error:
-    MM1Config.from_dict(tiny_model(**lora))
+    config = MM1Config.from_dict(tiny_model(**lora))
+    lora_lib.check_targets(config.lora, config.llm)  # Experiment validation calls it.
   assert "\n" not in str(error.value)
 
 
@@ -328,3 +329,11 @@ def test_export_refuses_moe_adapters():
   lora = LoraConfig(rank=2, targets=("llm/blocks/*",))
   with pytest.raises(ConversionError, match="MoE .*Mixtral.* not supported"):
     export_peft_adapters(random_params(config, lora), config, lora)
+
+
+def test_experiment_validation_checks_the_targets():
+  from mm1_jax.experiment import Experiment
+  config = tiny.get_config()
+  config.model.lora.update(rank=4, targets=("llm/nothing/*",))
+  with pytest.raises(ConfigError, match=r"model\.lora\.targets: 'llm/nothing/\*' matches no"):
+    Experiment.from_config(config, num_devices=1, mixture_has_images=lambda m, v: True)
