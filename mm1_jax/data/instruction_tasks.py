@@ -48,10 +48,9 @@ import tensorflow_datasets as tfds
 from mm1_jax.data import conversations, sources
 from mm1_jax.data.sources import chatterbot, easy_vqa
 
-# tasks.IMAGE_MARKER and the roles conversations.py renders (spelled out here:
-# tasks imports this module; tests check they agree).
-IMAGE_MARKER = "<image>"
-SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
+# The marker and roles conversations.py renders (tasks.IMAGE_MARKER is the same).
+IMAGE_MARKER = conversations.IMAGE_MARKER
+SYSTEM, USER, ASSISTANT = conversations.SYSTEM, conversations.USER, conversations.ASSISTANT
 
 # --- shared pieces --------------------------------------------------------------
 
