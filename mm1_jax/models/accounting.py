@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mm1_jax.models import qlora
 from mm1_jax.models.config import MM1Config
 from mm1_jax.models.multimodal import MM1Model
 
@@ -59,8 +60,21 @@ def abstract_params(config: MM1Config) -> Any:
   return nn.unbox(variables)["params"]
 
 
+def _names(path) -> list[str]:
+  return [str(getattr(key, "key", key)) for key in path]
+
+
+def _num_values(names: list[str], leaf) -> int:
+  """Parameters a leaf holds: an NF4 weight's (QLoRA) are its codes, two per
+  byte; its absmax and scales are not parameters."""
+  if qlora.is_nf4(names):
+    return 2 * math.prod(leaf.shape) if names[-1].endswith("_nf4_codes") else 0
+  return math.prod(leaf.shape)
+
+
 def _size(tree) -> int:
-  return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+  return int(sum(_num_values(_names(path), leaf)
+                 for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]))
 
 
 def count_params(config: MM1Config, params: Any | None = None) -> ParamCounts:
@@ -70,9 +84,10 @@ def count_params(config: MM1Config, params: Any | None = None) -> ParamCounts:
   embedding = _size(llm["embedder"]) + _size(llm.get("lm_head", {}))
   experts = 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(llm["blocks"])[0]:
-    names = [getattr(p, "key", "") for p in path]
-    if "moe" in names and names[-1] in ("gate", "up", "down"):
-      experts += math.prod(leaf.shape)
+    names = _names(path)
+    weight = qlora.weight_name(names[-1]) if qlora.is_nf4(names) else names[-1]
+    if "moe" in names and weight in ("gate", "up", "down"):
+      experts += _num_values(names, leaf)
   moe = config.llm.moe
   active = experts * moe.num_experts_per_token // moe.num_experts if moe.enabled else 0
   return ParamCounts(

@@ -159,6 +159,9 @@ class DecoderConfig:
 # MLP, and for an MoE LLM the router and the experts), not the token
 # embedding, not lm_head, not the encoder or the connector.
 LORA_DEFAULT_TARGETS = ("llm/blocks/*",)
+LORA_QUANTIZE = ("none", "nf4")
+# The NF4 block sizes bitsandbytes' quantize_4bit accepts (nf4.BLOCK_SIZES).
+NF4_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,15 +186,32 @@ class LoraConfig:
   rslora: bool = False  # Rank-stabilised scale alpha / sqrt(rank) (Kalajdzievski 2023).
   dropout: float = 0.0  # On the adapter's input, training only.
   targets: tuple[str, ...] = LORA_DEFAULT_TARGETS
+  # QLoRA: "nf4" stores the targeted linears' frozen base weights as 4-bit
+  # NormalFloat (bitsandbytes' format, mm1_jax/models/nf4.py), dequantised in
+  # the compute dtype inside each layer; "none" keeps them in param_dtype.
+  quantize: str = "none"
+  block_size: int = 64  # NF4 values per absmax (bitsandbytes' blocksize).
+  double_quant: bool = True  # 8-bit absmax in blocks of 256 (compress_statistics).
 
   @property
   def enabled(self) -> bool:
     return self.rank > 0
 
   @property
+  def quantized(self) -> bool:
+    """Whether the targeted linears' base weights are NF4 (QLoRA)."""
+    return self.enabled and self.quantize == "nf4"
+
+  @property
   def scale(self) -> float:
     """The factor of the low-rank update A B."""
     return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+  def quantizes_module(self, module_path: str) -> bool:
+    """Whether the linear at `module_path` keeps its base weight as NF4 (QLoRA:
+    every target but lm_head, which stays in full precision as in QLoRA)."""
+    return (self.quantized and self.targets_module(module_path)
+            and not module_path.endswith("/lm_head"))
 
   def targets_module(self, module_path: str) -> bool:
     """Whether the linear at `module_path` ("llm/blocks/layer_0/attn/query") gets adapters."""
@@ -337,6 +357,13 @@ def validate_lora(config: LoraConfig, llm: DecoderConfig, path: str = "model.lor
            f"{path}.rank", f"must be an integer >= 0 (0 = no adapters), got {c.rank!r}.")
   _require(c.alpha > 0, f"{path}.alpha", f"must be > 0 (scale alpha / rank), got {c.alpha}.")
   _require(0.0 <= c.dropout < 1.0, f"{path}.dropout", f"must be in [0, 1), got {c.dropout}.")
+  _require(c.quantize in LORA_QUANTIZE, f"{path}.quantize",
+           f"unknown {c.quantize!r}; use one of {LORA_QUANTIZE} (nf4: QLoRA's 4-bit base).")
+  _require(c.block_size in NF4_BLOCK_SIZES, f"{path}.block_size",
+           f"{c.block_size} is not a block size bitsandbytes supports: {NF4_BLOCK_SIZES}.")
+  _require(c.quantize == "none" or c.enabled, f"{path}.quantize",
+           f"{c.quantize!r} quantises the base of the LoRA targets, but rank is 0 (no "
+           "adapters); set model.lora.rank > 0, or quantize='none'.")
   if not c.enabled:
     return
   _require(len(c.targets) > 0, f"{path}.targets",

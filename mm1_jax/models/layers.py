@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mm1_jax.models import qlora
 from mm1_jax.models.config import LoraConfig
 from mm1_jax.sharding import constrain
 
@@ -58,6 +59,9 @@ class LoraScope:
   def targets(self, scope_path: Sequence[str]) -> bool:
     return self.config.targets_module(self.module_path(scope_path))
 
+  def quantizes(self, scope_path: Sequence[str]) -> bool:
+    return self.config.quantizes_module(self.module_path(scope_path))
+
 
 def lora_a_init(in_axis: int | Sequence[int], batch_axis: Sequence[int] = ()) -> Callable:
   """Init of A [*batch, *in_dims, rank]: torch nn.Linear's default (what peft
@@ -85,7 +89,9 @@ class DenseGeneral(nn.Module):
   With a `lora` scope that targets this module's path, the layer also holds
   adapters lora_a [*in_dims, r] and lora_b [r, *features] (logical axes: the
   kernel's in axes + "lora_rank", "lora_rank" + its out axes) and computes
-  y = x W (+ bias) + scale * (dropout(x) A) B, as peft does.
+  y = x W (+ bias) + scale * (dropout(x) A) B, as peft does. When the scope
+  also quantises this path (QLoRA), W is held as NF4 arrays instead of
+  "kernel" and dequantised in the compute dtype here (mm1_jax/models/qlora.py).
   """
   features: tuple[int, ...]
   kernel_axes: tuple[str | None, ...]
@@ -104,10 +110,13 @@ class DenseGeneral(nn.Module):
     init = self.kernel_init or nn.initializers.variance_scaling(
         1.0, "fan_in", "truncated_normal", in_axis=tuple(range(num_in)),
         out_axis=tuple(range(num_in, num_in + num_out)))
-    param_dtype = as_dtype(self.param_dtype)
-    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
-                        in_dims + self.features, param_dtype)
-    dtype = as_dtype(self.dtype)
+    param_dtype, dtype = as_dtype(self.param_dtype), as_dtype(self.dtype)
+    if self.lora is not None and self.lora.quantizes(self.path):  # QLoRA: an NF4 base.
+      kernel = qlora.nf4_kernel(self, "kernel", (), in_dims, self.features, self.kernel_axes,
+                                self.lora.config, dtype, self.lora.module_path(self.path))
+    else:
+      kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+                          in_dims + self.features, param_dtype)
     contract = ((axis, tuple(range(num_in))), ((), ()))
     y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), contract)
     if self.use_bias:

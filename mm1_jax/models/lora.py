@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mm1_jax.models import qlora
 from mm1_jax.models.config import DecoderConfig, LoraConfig
 from mm1_jax.typed_config import ConfigError
 
@@ -150,7 +151,9 @@ def _prod(dims: Sequence[int]) -> int:
 def merge_lora(params: Mapping[str, Any], config: LoraConfig) -> dict[str, Any]:
   """The params with every adapter pair folded into its base weight
   (W + scale * A B, in float32) and the adapters removed: a plain params tree
-  of the model without LoRA. Raises ValueError if an adapter lacks its pair
+  of the model without LoRA. An NF4 base (QLoRA) is dequantised first, so
+  the merged kernel is float32, as peft's merge_and_unload of a 4-bit model
+  before it requantises. Raises ValueError if an adapter lacks its pair
   or base weight, or its rank is not config.rank."""
 
   def walk(tree: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -160,6 +163,10 @@ def merge_lora(params: Mapping[str, Any], config: LoraConfig) -> dict[str, Any]:
       if isinstance(value, Mapping) or not key.endswith("lora_a"):
         continue
       base, partner = base_weight_name(key), key[:-1] + "b"
+      if base not in tree and qlora.nf4_leaf(base, "codes") in tree:  # QLoRA: an NF4 base.
+        out = {k: v for k, v in out.items() if not (qlora.is_nf4([k])
+                                                    and qlora.weight_name(k) == base)}
+        tree = {**tree, base: _nf4_kernel(tree, base, value, tree.get(partner), config)}
       if base not in tree or partner not in tree:
         raise ValueError(f"{where}{key}: the adapter has no {partner if base in tree else base} "
                          "beside it; the params are not a LoRA model's.")
@@ -170,6 +177,18 @@ def merge_lora(params: Mapping[str, Any], config: LoraConfig) -> dict[str, Any]:
     return out
 
   return walk(params, "")
+
+
+def _nf4_kernel(tree: Mapping[str, Any], weight: str, lora_a: Any, lora_b: Any | None,
+                config: LoraConfig) -> jax.Array:
+  """The float32 kernel [*batch, *in_dims, *out_dims] of the NF4 weight
+  `weight` in `tree`, its dims read from its adapters' shapes."""
+  flat = qlora.dequantize_weights({k: v for k, v in tree.items() if qlora.is_nf4([k])
+                                   and qlora.weight_name(k) == weight}, config.block_size)[weight]
+  if lora_b is None:
+    return flat
+  num_batch = flat.ndim - 2
+  return flat.reshape(tuple(lora_a.shape[:-1]) + tuple(lora_b.shape[num_batch + 1:]))
 
 
 def check_targets(config: LoraConfig, llm: DecoderConfig, path: str = "model.lora") -> None:
@@ -184,6 +203,15 @@ def check_targets(config: LoraConfig, llm: DecoderConfig, path: str = "model.lor
           f"{path}.targets: {pattern!r} matches no linear layer that takes adapters: only the "
           f"LLM's do (not the encoder's or the connector's, which optimizer.freeze trains whole "
           f"or freezes), {len(available)}: {shown}; e.g. 'llm/blocks/*' for all but lm_head.")
+  if config.quantized:  # Every quantised linear's fan-in must hold whole NF4 blocks.
+    import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+    from mm1_jax.models.decoder import Decoder  # pylint: disable=import-outside-toplevel
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    try:
+      jax.eval_shape(Decoder(llm, lora=config).init, jax.random.key(0), tokens)
+    except ValueError as error:
+      raise ConfigError(f"{path}.quantize='nf4': {error}") from None
 
 
 @functools.lru_cache(maxsize=16)

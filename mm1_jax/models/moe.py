@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mm1_jax.models import qlora
 from mm1_jax.models.config import DecoderConfig
 from mm1_jax.models.layers import (LORA_RANK_AXIS, RESIDUAL_AXES, Dtype, LoraScope, as_dtype,
                                    dense, lora_a_init, lora_dropout)
@@ -124,8 +125,13 @@ class MoeFeedForward(nn.Module):
     top_weights = top_weights / jnp.sum(top_weights, axis=-1, keepdims=True)
 
     def expert_linear(name, in_dim, out_dim, axes) -> ExpertLinear:
-      kernel = self.param(name, nn.with_logical_partitioning(EXPERT_KERNEL_INIT, axes),
-                          (num_experts, in_dim, out_dim), param_dtype).astype(dtype)
+      if self.lora is not None and self.lora.quantizes(self.path + (name,)):  # QLoRA.
+        kernel = qlora.nf4_kernel(self, name, (num_experts,), (in_dim,), (out_dim,), axes,
+                                  self.lora.config, dtype,
+                                  self.lora.module_path(self.path + (name,)))
+      else:
+        kernel = self.param(name, nn.with_logical_partitioning(EXPERT_KERNEL_INIT, axes),
+                            (num_experts, in_dim, out_dim), param_dtype).astype(dtype)
       if self.lora is None or not self.lora.targets(self.path + (name,)):
         return ExpertLinear(kernel)
       c = self.lora.config

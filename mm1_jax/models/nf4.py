@@ -61,6 +61,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from mm1_jax.models.config import NF4_BLOCK_SIZES
+
 # The 16 NF4 values (bitsandbytes get_4bit_type("nf4"); QLoRA, Dettmers et al.
 # 2023): quantiles of N(0, 1) rescaled to [-1, 1], with an exact 0 at index 7.
 NF4_CODE = np.array([
@@ -71,7 +73,7 @@ NF4_CODE = np.array([
 ], dtype=np.float32)
 
 # Block sizes quantize_4bit accepts.
-BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+BLOCK_SIZES = NF4_BLOCK_SIZES
 # quantize_4bit's double quantisation always uses blocks of 256 absmax values.
 DOUBLE_QUANT_BLOCK_SIZE = 256
 ABSMAX_ROUNDINGS = ("nearest", "cpu_lut")

@@ -43,7 +43,7 @@ import hashlib
 import json
 import os
 import signal
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -659,18 +659,63 @@ def _check_params(path: epath.Path, stored: Any, abstract_params: Any) -> None:
                  expected_name="expected")
 
 
-def _restore_params(item_dir: epath.Path, in_train_state: bool, abstract_params: Any) -> Any:
-  # Partial restore reads the 'params' subtree only, not the optimizer state.
+def _restore_params(item_dir: epath.Path, in_train_state: bool, abstract_params: Any,
+                    partial: bool = False) -> Any:
+  # Partial restore reads the 'params' subtree only, not the optimizer state
+  # (and, with `partial`, only the leaves abstract_params names).
   item = {PARAMS_KEY: abstract_params} if in_train_state else abstract_params
   with ocp.PyTreeCheckpointer() as checkpointer:
     restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=in_train_state))
+        partial_restore=in_train_state or partial))
   return restored[PARAMS_KEY] if in_train_state else restored
 
 
+def stored_param_shapes(path: str) -> dict[str, tuple[int, ...]]:
+  """{'llm/blocks/...': shape} of every parameter a checkpoint holds (load_params' paths)."""
+  return _metadata_shapes(_stored_params(paths_lib.as_path(path))[2])
+
+
+def read_param(path: str, leaf_path: Sequence[str]) -> np.ndarray:
+  """One parameter of a checkpoint (a step directory, a workdir or a
+  save_params directory), read into host memory as stored: nothing else is
+  read (QLoRA quantises an init_from checkpoint's kernels one at a time)."""
+  item_dir, in_train_state, stored = _stored_params(paths_lib.as_path(path))
+  node = stored
+  for key in leaf_path:
+    if not isinstance(node, Mapping) or key not in node:
+      raise CheckpointMismatchError(f"{path} holds no parameter {'/'.join(leaf_path)}.",
+                                    missing=["/".join(leaf_path)], unexpected=[], mismatched=[])
+    node = node[key]
+  item = np.zeros((), np.float32)  # Placeholder: restore_type asks for a host array.
+  args = ocp.RestoreArgs(restore_type=np.ndarray)
+  for key in reversed(tuple(leaf_path)):
+    item, args = {key: item}, {key: args}
+  if in_train_state:
+    item, args = {PARAMS_KEY: item}, {PARAMS_KEY: args}
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=args, partial_restore=True))
+  for key in ((PARAMS_KEY,) if in_train_state else ()) + tuple(leaf_path):
+    restored = restored[key]
+  return np.asarray(restored)
+
+
+def _without(tree: Mapping[str, Any], skip: Callable[[str], bool], prefix: str = "") -> dict:
+  """The nested dict without the leaves whose "/"-joined path `skip` accepts."""
+  out = {}
+  for key, value in tree.items():
+    where = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      out[key] = _without(value, skip, where + "/")
+    elif not skip(where):
+      out[key] = value
+  return out
+
+
 def load_component_params(paths: Iterable[str], abstract_params: Mapping[str, Any],
-                          init_params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+                          init_params: Mapping[str, Any], skip: Callable[[str], bool] | None = None
+                          ) -> tuple[dict[str, Any], dict[str, str]]:
   """Overlays the parameters of one or more checkpoints on init_params.
 
   Each path holds either the whole params tree or some of its top-level
@@ -682,6 +727,8 @@ def load_component_params(paths: Iterable[str], abstract_params: Mapping[str, An
   paths: Checkpointer step directories or save_params directories.
   abstract_params: {component: pytree of ShapeDtypeStruct with .sharding}.
   init_params: the freshly initialised params (same structure).
+  skip: stored leaves ("llm/blocks/layer_0/attn/query/kernel") it accepts are
+    neither checked nor read (QLoRA reads those kernels itself, one by one).
   Returns (params, {component: path it came from}). Raises
   CheckpointMismatchError for a component the model does not have, one that
   two paths provide, or any mis-shaped, missing or unexpected parameter.
@@ -703,8 +750,11 @@ def load_component_params(paths: Iterable[str], abstract_params: Mapping[str, An
           "component's checkpoint once in config.init_from.", missing=[], unexpected=twice,
           mismatched=[])
     components = {name: abstract_params[name] for name in stored}
+    if skip is not None:
+      stored = _without(stored, skip)
     _check_params(path, stored, components)
-    params.update(_restore_params(item_dir, in_train_state, components))
+    params.update(_restore_params(item_dir, in_train_state, components,
+                                  partial=skip is not None))
     sources.update({name: os.fspath(path) for name in stored})
   return params, sources
 

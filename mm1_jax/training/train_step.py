@@ -118,7 +118,27 @@ class TrainStep:
     equals the full-batch gradient of the token-mean loss. rng: this step's
     key (dropout), folded with the micro-batch index.
     """
-    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    # Integer leaves (QLoRA's NF4 codes) are frozen and cannot be
+    # differentiated: the gradient is taken over the float leaves only, and
+    # the integer ones get zeros (which the optimizer's frozen label ignores).
+    leaves, treedef = jax.tree.flatten(params)
+    floating = [jnp.issubdtype(leaf.dtype, jnp.inexact) for leaf in leaves]
+
+    def loss_of_floats(float_leaves, batch, rng):
+      float_iter = iter(float_leaves)
+      full = [next(float_iter) if is_float else leaf for leaf, is_float in zip(leaves, floating)]
+      return self._loss(jax.tree.unflatten(treedef, full), batch, rng)
+
+    float_grad_fn = jax.value_and_grad(loss_of_floats, has_aux=True)
+    float_leaves = [leaf for leaf, is_float in zip(leaves, floating) if is_float]
+
+    def grad_fn(_, batch, rng):
+      value, float_grads = float_grad_fn(float_leaves, batch, rng)
+      grads_iter = iter(float_grads)
+      grads = [next(grads_iter) if is_float else jnp.zeros_like(leaf)
+               for leaf, is_float in zip(leaves, floating)]
+      return value, jax.tree.unflatten(treedef, grads)
+
     if self.grad_accum_steps == 1:
       (_, metrics), grads = grad_fn(params, batch, rng)
       return grads, metrics
@@ -130,7 +150,7 @@ class TrainStep:
       micro_batch, index = micro_batch_and_index
       (_, metrics), grads = grad_fn(params, micro_batch, jax.random.fold_in(rng, index))
       tokens = metrics["num_tokens"]
-      grads_sum = jax.tree.map(lambda a, g: a + g * tokens, grads_sum, grads)
+      grads_sum = jax.tree.map(lambda a, g: a + (g * tokens).astype(a.dtype), grads_sum, grads)
       metrics_sum = jax.tree.map(lambda a, m: a + m * tokens, metrics_sum, metrics)
       return (grads_sum, metrics_sum, tokens_sum + tokens), None
 
@@ -144,7 +164,7 @@ class TrainStep:
     total = jnp.maximum(tokens, 1.0)
     metrics = jax.tree.map(lambda m: m / total, metrics_sum)
     metrics["num_tokens"] = tokens
-    return jax.tree.map(lambda g: g / total, grads_sum), metrics
+    return jax.tree.map(lambda g: (g / total).astype(g.dtype), grads_sum), metrics
 
   def _step(self, state, batch):
     with sharding.use_mesh(self.mesh):

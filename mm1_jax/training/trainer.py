@@ -29,6 +29,8 @@ from mm1_jax.data.batch import check_image_placeholders, count_tokens
 from mm1_jax.experiment import Experiment
 from mm1_jax.models import accounting
 from mm1_jax.models import lora as lora_lib
+from mm1_jax.models import qlora
+from mm1_jax.models.config import LoraConfig
 from mm1_jax.training import checkpoint as checkpoint_lib
 from mm1_jax.training import metrics as metrics_lib
 from mm1_jax.training.optimizer import make_optimizer
@@ -151,7 +153,7 @@ def fresh_state(train_step: TrainStep, experiment: Experiment):
   sources = {}
   if experiment.init_from:
     params, sources = load_init_from(experiment.init_from, train_step.abstract_state["params"],
-                                     state["params"])
+                                     state["params"], experiment.model.lora)
     state = {**state, "params": params}
   return state, sources
 
@@ -238,13 +240,20 @@ def _initial_state(train_step: TrainStep, experiment: Experiment, checkpointer, 
   return state, base
 
 
-def load_init_from(paths, abstract_params, init_params):
+def load_init_from(paths, abstract_params, init_params, lora: LoraConfig | None = None,
+                   skip=None):
   """checkpoint.load_component_params, LoRA-aware: the checkpoints hold base
   weights (converted, or merged by `python -m mm1_jax.convert --lora_merge`),
   which are loaded while the adapters keep their fresh initialisation (A
   random, B zero: the model starts equal to the base). A checkpoint that holds
   adapters too (a LoRA run's whole params) restores them as well; one of a LoRA
-  run that holds only what trained is refused, naming --lora_merge."""
+  run that holds only what trained is refused, naming --lora_merge.
+
+  QLoRA (abstract_params with NF4 weights, `lora` their settings): float
+  kernels in the checkpoints are read one at a time, quantised to NF4 on the
+  host and placed with their shardings (quantized_init_from); checkpoints
+  that already hold NF4 weights load as they are. skip: as in
+  checkpoint.load_component_params."""
   for path in paths:  # A LoRA run's checkpoint lacks its base: name the way out.
     item_dir, in_train_state = checkpoint_lib._params_location(  # pylint: disable=protected-access
         checkpoint_lib.paths_lib.as_path(path))
@@ -255,19 +264,50 @@ def load_init_from(paths, abstract_params, init_params):
           f"base comes from {saved.get('init_from')}); merge it first (python -m "
           f"mm1_jax.convert --lora_merge --source={path} --output=DIR) and pass DIR, or resume "
           "that run in its own workdir.", missing=[], unexpected=[], mismatched=[])
+  quantized = {"/".join(path) for path, _ in qlora.quantized_weights(abstract_params)}
+  if quantized and not any(qlora.is_nf4(stored.split("/")) for path in paths
+                           for stored in checkpoint_lib.stored_param_shapes(path)):
+    return quantized_init_from(paths, abstract_params, init_params, lora, quantized)
   adapters = lora_lib.lora_params(init_params)
   if not adapters:
-    return checkpoint_lib.load_component_params(paths, abstract_params, init_params)
+    return checkpoint_lib.load_component_params(paths, abstract_params, init_params, skip)
   try:
     params, sources = checkpoint_lib.load_component_params(
-        paths, lora_lib.without_lora(abstract_params), lora_lib.without_lora(init_params))
+        paths, lora_lib.without_lora(abstract_params), lora_lib.without_lora(init_params), skip)
   except checkpoint_lib.CheckpointMismatchError as error:
     holds_adapters = error.unexpected and all(lora_lib.is_adapter(path.split("/"))
                                               for path in error.unexpected)
     if error.missing or error.mismatched or not holds_adapters:
       raise
-    return checkpoint_lib.load_component_params(paths, abstract_params, init_params)
+    return checkpoint_lib.load_component_params(paths, abstract_params, init_params, skip)
   return lora_lib.with_adapters(params, adapters), sources
+
+
+def quantized_init_from(paths, abstract_params, init_params, lora: LoraConfig,
+                        quantized: set[str]):
+  """load_init_from for a QLoRA model from float checkpoints: everything but
+  the quantised kernels loads as usual; each of those (`quantized`: their
+  paths, "llm/blocks/layer_0/attn/query/kernel") is then read alone into
+  host memory, quantised to NF4 (bit-identical to bitsandbytes) and placed
+  with the shardings of its NF4 arrays, so that host memory peaks at one
+  float kernel and the devices never hold the float base."""
+  params, sources = load_init_from(paths, qlora.without_nf4(abstract_params),
+                                   qlora.without_nf4(init_params), skip=quantized.__contains__)
+  missing = sorted({path.split("/")[0] for path in quantized} - set(sources))
+  if missing:
+    raise ConfigError(
+        f"model.lora.quantize='nf4' quantises the base weights of {missing} from init_from, but "
+        f"no init_from checkpoint holds them (init_from={list(paths)}); add the converted "
+        "checkpoint of that part (python -m mm1_jax.convert), e.g. checkpoints/smollm2_135m.")
+
+  def read_kernel(path):
+    return checkpoint_lib.read_param(sources[path[0]], path)
+
+  def place(array, abstract_leaf):
+    return jax.make_array_from_callback(array.shape, abstract_leaf.sharding,
+                                        lambda index: array[index])
+
+  return qlora.quantize_into(params, abstract_params, lora, read_kernel, place), sources
 
 
 def evaluate(experiment: Experiment, workdir: str, step: int, params, model, mesh,

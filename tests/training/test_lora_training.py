@@ -1,6 +1,8 @@
 """LoRA training: what trains, what keeps optimizer state, step 0 equals the
 base model, init_from a base checkpoint, and merging a run's checkpoint."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -306,3 +308,60 @@ def test_lora_checkpoints_hold_what_trains_and_resume_exactly(tmp_path, capsys):
     # compiling another train step.
     trainer.restore_params(Experiment.from_config(lora_run_config(6, other_dir)),
                            str(tmp_path / "resumed"))
+
+
+def test_qlora_quantises_init_from_and_trains_only_the_adapters(tmp_path):
+  """QLoRA (tiny MoE: attention, MLP, router and experts in NF4): init_from a
+  float checkpoint fills the NF4 arrays with bitsandbytes' quantisation of
+  its kernels; step 0 is the dequantised base model's loss; two steps move
+  the adapters and the connector, never the codes; Adam state only for what
+  trains; without the LLM in init_from the run is refused."""
+  from mm1_jax.models import nf4, qlora
+  from mm1_jax.typed_config import ConfigError
+
+  experiment = experiment_of(lora_config("moe", quantize="nf4"))
+  train_step, model = trainer.build(experiment)
+  abstract = train_step.abstract_state["params"]
+  float_model = model.replace(lora=dataclasses.replace(model.lora, quantize="none"))
+  base = lora_lib.without_lora(testing.random_params(float_model, seed=5))
+  checkpoint_lib.save_params(str(tmp_path / "llm"), {"llm": base["llm"]})
+  state = train_step.init(jax.random.key(0))
+  params, sources = trainer.load_init_from([str(tmp_path / "llm")], abstract, state["params"],
+                                           model.lora)
+  assert sources == {"llm": str(tmp_path / "llm")}
+  query = params["llm"]["blocks"]["layer_0"]["attn"]["query"]
+  expected = nf4.quantize_nf4(np.asarray(base["llm"]["blocks"]["layer_0"]["attn"]["query"][
+      "kernel"]).reshape(2, 128, 128))
+  np.testing.assert_array_equal(query["kernel_nf4_codes"], expected.codes)
+  np.testing.assert_array_equal(query["kernel_nf4_absmax"], expected.absmax)
+  assert query["kernel_nf4_codes"].sharding == abstract["llm"]["blocks"]["layer_0"]["attn"][
+      "query"]["kernel_nf4_codes"].sharding
+  jax.tree.map(np.testing.assert_array_equal, params["llm"]["embedder"], base["llm"]["embedder"])
+  with pytest.raises(ConfigError, match=r"quantises the base weights of \['llm'\] from init_from"):
+    trainer.load_init_from([str(tmp_path / "none")] * 0, abstract, state["params"], model.lora)
+
+  rows = [batch_for(model, seed=10 * i) for i in range(train_step.batch_size // BATCH)]
+  batch = make_global_batch({k: np.concatenate([r[k] for r in rows]) for k in rows[0]},
+                            train_step.mesh)
+  old = jax.device_get(params)  # The step donates the state.
+  state = {**state, "params": params}
+  history = []
+  for _ in range(2):
+    state, metrics = train_step.step(state, batch)
+    history.append(jax.device_get(metrics))
+  # Step 0: the plain model holding the dequantised kernels (B is zero).
+  dequantised = lora_lib.merge_lora(old, model.lora)
+  plain = MM1Model(float_model.replace(lora=LoraConfig()))
+  logits, aux = jax.jit(plain.apply)({"params": dequantised}, batch["decoder_input_tokens"],
+                                     batch["images"], batch["image_mask"],
+                                     batch["decoder_positions"], batch["decoder_segment_ids"])
+  assert history[0]["loss"] == pytest.approx(float(loss_lib.total_loss(logits, batch, aux)[0]),
+                                              rel=1e-5)
+  new = jax.device_get(state["params"])
+  jax.tree.map(np.testing.assert_array_equal, lora_lib.without_lora(new["llm"]),
+               lora_lib.without_lora(old["llm"]))
+  assert np.any(new["llm"]["blocks"]["layer_1"]["moe"]["up_lora_b"])
+  assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(new["connector"]),
+                                            jax.tree.leaves(old["connector"])))
+  moments = [x for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x)]
+  assert size(moments) == 2 * (size(lora_lib.lora_params(old)) + size(old["connector"]))
