@@ -238,6 +238,91 @@ def format_train_step_memory(report: TrainStepMemory, device_memory_gib: float) 
   return "\n".join(lines)
 
 
+# --finetuning: the ways to fine-tune one config, compared on one compiled step each.
+FINETUNING_MODES = ("full", "lora", "qlora")
+DEFAULT_LORA_RANK = 64  # The scaling-LLaVA paper's LoRA / QLoRA rank, alpha = 2 * rank.
+
+
+def finetuning_variant(experiment, mode: str):
+  """The experiment fine-tuned `mode`-wise: full (no adapters), lora (the
+  config's LoRA settings, or rank 64 / alpha 128 on its default targets when
+  it has none), qlora (the same with an NF4 base). Other settings unchanged."""
+  lora = experiment.model.lora
+  if mode == "full":
+    lora = dataclasses.replace(lora, rank=0, quantize="none")
+  elif mode in ("lora", "qlora"):
+    if not lora.enabled:
+      lora = dataclasses.replace(lora, rank=DEFAULT_LORA_RANK, alpha=2.0 * DEFAULT_LORA_RANK)
+    lora = dataclasses.replace(lora, quantize="nf4" if mode == "qlora" else "none")
+  else:
+    raise ValueError(f"unknown fine-tuning mode {mode!r}; use one of {FINETUNING_MODES}.")
+  return experiment.replace(model=experiment.model.replace(lora=lora))
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuningMemory:
+  """One fine-tuning mode's compiled train step and what its params hold."""
+  mode: str
+  report: TrainStepMemory
+  trainable_params: int
+  nf4_bytes: int  # Per device: the NF4 arrays of the quantised base (QLoRA), else 0.
+  nf4_params: int  # Parameters those arrays hold (whole model).
+  nf4_total_bytes: int  # Whole model: the NF4 arrays' bytes.
+
+
+def finetuning_memory(experiment, mode: str, mesh: dict[str, int], batch_size: int | None,
+                      seq_len: int | None) -> FinetuningMemory:
+  """train_step_memory of finetuning_variant(experiment, mode), with its
+  trainable parameter count and (QLoRA) the bytes of its NF4 base."""
+  from mm1_jax.models import qlora
+  from mm1_jax.training import trainer
+
+  variant = finetuning_variant(experiment, mode)
+  report = train_step_memory(variant, mesh, batch_size, seq_len)
+  train_step, _ = trainer.build(variant.replace(mesh=experiment.mesh.__class__(
+      **{axis: report.mesh.get(axis, 1) for axis in report.mesh})))
+  params = train_step.abstract_state["params"]
+  mask = trainer.trainable_mask(variant, params)
+  trainable = sum(math.prod(leaf.shape) for leaf, keep in
+                  zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if keep)
+  nf4_leaves = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+                if qlora.is_nf4([str(getattr(k, "key", k)) for k in path])]
+  nf4_params = sum(2 * math.prod(leaf.shape) for path, leaf in nf4_leaves
+                   if str(path[-1].key).endswith("_nf4_codes"))
+  return FinetuningMemory(
+      mode=mode, report=report, trainable_params=trainable,
+      nf4_bytes=_per_device_bytes([leaf for _, leaf in nf4_leaves]), nf4_params=nf4_params,
+      nf4_total_bytes=sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+                          for _, leaf in nf4_leaves))
+
+
+def format_finetuning(rows: list[FinetuningMemory], device_memory_gib: float) -> str:
+  """A table of the modes: trainable params, per-device params / optimizer /
+  compiled peak, fits; and the NF4 base's bytes against bfloat16."""
+  gib = format_bytes
+  limit = device_memory_gib * 2**30
+  first = rows[0].report
+  lines = [f"fine-tuning compared: global batch {first.batch_size} x {first.seq_len}, dtype "
+           f"{first.model.dtype}, remat llm={first.model.llm.remat_policy}, per device "
+           f"({device_memory_gib:g} GiB):",
+           f"  {'mode':6} {'trainable':>10} {'params':>10} {'NF4 base':>10} {'optimizer':>10} "
+           f"{'temp':>10} {'total':>10}  fits"]
+  for row in rows:
+    compiled = row.report.compiled
+    lines.append(
+        f"  {row.mode:6} {_human(row.trainable_params):>10} {gib(row.report.params_bytes):>10} "
+        f"{gib(row.nf4_bytes) if row.nf4_bytes else '-':>10} "
+        f"{gib(row.report.optimizer_bytes):>10} {gib(compiled.temp):>10} "
+        f"{gib(compiled.total):>10}  {'yes' if compiled.total <= limit else 'NO'}")
+  for row in rows:
+    if row.nf4_params:
+      ratio = row.nf4_total_bytes / (2 * row.nf4_params)
+      lines.append(f"  {row.mode}: the NF4 base holds {_human(row.nf4_params)} parameters in "
+                   f"{gib(row.nf4_total_bytes)} (codes, 8-bit absmax, scales, offsets): "
+                   f"{ratio:.4f}x their bfloat16 bytes ({gib(2 * row.nf4_params)}).")
+  return "\n".join(lines)
+
+
 _CHILD_ENV = "MM1_SUMMARY_DEVICES"
 
 
@@ -264,6 +349,10 @@ def main(argv):
     config = Experiment.from_config(FLAGS.config).model  # Batch vs this machine's mesh.
     print(format_summary(config, FLAGS.seq_len, FLAGS.num_devices))
     return
+  unknown = [mode for mode in FLAGS.finetuning if mode not in FINETUNING_MODES]
+  if unknown:
+    raise app.UsageError(f"--finetuning: unknown mode(s) {unknown}; use any of "
+                         f"{','.join(FINETUNING_MODES)}.")
   mesh = parse_mesh(FLAGS.mesh) if FLAGS.mesh else dict(FLAGS.config.mesh)
   num_devices = math.prod(mesh.values())
   if num_devices < 0:  # One axis is -1: it takes what --num_devices leaves.
@@ -278,10 +367,20 @@ def main(argv):
                          f"{jax.device_count()}; set XLA_FLAGS="
                          f"--xla_force_host_platform_device_count={num_devices} "
                          "JAX_PLATFORMS=cpu before JAX starts.")
-  experiment = Experiment.from_config(FLAGS.config, num_devices=num_devices)
+  experiment = Experiment.from_config(FLAGS.config, num_devices=num_devices,
+                                      check_init_from=False)
   print(format_summary(experiment.model, FLAGS.seq_len, num_devices), flush=True)
-  report = train_step_memory(experiment, mesh, FLAGS.batch_size, FLAGS.seq_len)
-  print(format_train_step_memory(report, FLAGS.device_memory_gib), flush=True)
+  if not FLAGS.finetuning:
+    report = train_step_memory(experiment, mesh, FLAGS.batch_size, FLAGS.seq_len)
+    print(format_train_step_memory(report, FLAGS.device_memory_gib), flush=True)
+    return
+  rows = []
+  for mode in FLAGS.finetuning:
+    row = finetuning_memory(experiment, mode, mesh, FLAGS.batch_size, FLAGS.seq_len)
+    print(f"{mode}: " + format_train_step_memory(row.report, FLAGS.device_memory_gib),
+          flush=True)
+    rows.append(row)
+  print(format_finetuning(rows, FLAGS.device_memory_gib), flush=True)
 
 
 if __name__ == "__main__":
@@ -300,4 +399,7 @@ if __name__ == "__main__":
                        "the config's data.batch_size.", lower_bound=1)
   flags.DEFINE_float("device_memory_gib", 16.0, "Memory of one device, for the fits/does "
                      "not fit verdict of --memory_analysis.", lower_bound=0.0)
+  flags.DEFINE_list("finetuning", [], "With --memory_analysis: compile the step once per "
+                    "mode and compare them: full, lora (the config's LoRA, or rank 64 and "
+                    "alpha 128), qlora (the same on an NF4 base), e.g. full,lora,qlora.")
   cli.run(main, required=["config"])
