@@ -3,6 +3,8 @@
     python benchmarks/train_step.py --config=configs/bench_100m.py \
         [--config.data.batch_size=4 --config.data.seq_len=512 --steps=5 --warmup=1]
     python benchmarks/train_step.py --config=configs/bench_100m.py --compare_depths=4,32
+    python benchmarks/train_step.py --config=configs/mm1_smol.py:stage=4,cpu \
+        --compare_finetuning=full,lora,qlora --steps=10
 
 Builds the TrainStep with mm1_jax.training.trainer.build (the config's mesh,
 optimizer, grad accumulation, remat), feeds it a synthetic batch that honours
@@ -25,6 +27,14 @@ the train batch contract, and prints one block with:
 layer stack is scanned, so compile time should barely grow with depth. A
 throw-away compile of the first depth runs first so that one-time start-up
 costs do not land on it.
+
+--compare_finetuning=full,lora,qlora builds the config once per fine-tuning
+mode (summary.finetuning_variant: full; LoRA with the config's settings or
+rank 64 / alpha 128; QLoRA, the same on an NF4 base), compiles each, then
+times them side by side: --steps rounds, each running one step of every
+mode in turn, so that the machine's load falls on all of them alike. It
+prints per mode the trainable parameters, the median and fastest step, the
+ratio to the first mode, and the compiled step's memory per device.
 
 Random weights and synthetic batches: this measures the step, not data.
 """
@@ -57,6 +67,8 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compiling.")
 _COMPARE = flags.DEFINE_list("compare_depths", [], "LLM depths whose compile times to compare "
                              "(e.g. 4,32); no steps are run.")
+_FINETUNING = flags.DEFINE_list("compare_finetuning", [], "Fine-tuning modes to time side "
+                                "by side (full, lora, qlora).")
 _PEAK_SIZE = flags.DEFINE_integer("peak_matmul_size", 1024, "Side of the square float32 "
                                   "matmul that measures the CPU peak.")
 
@@ -139,6 +151,51 @@ def compare_depths(config, depths: list[int]) -> None:
   print("\n".join(lines), flush=True)
 
 
+def compare_finetuning(config, modes: list[str]) -> None:
+  experiment = Experiment.from_config(config, check_init_from=False)
+  runs = []
+  for mode in modes:
+    variant = summary.finetuning_variant(experiment, mode)
+    train_step, model = trainer.build(variant)
+    start = time.perf_counter()
+    compiled = train_step.lower().compile()
+    compile_s = time.perf_counter() - start
+    local = train_batch(model, train_step.batch_size // jax.process_count(), train_step.seq_len)
+    batch = make_global_batch(local, train_step.mesh)
+    state = train_step.init(jax.random.key(0))
+    for _ in range(_WARMUP.value):
+      state, _ = compiled(state, batch)
+    jax.block_until_ready(state)
+    params = train_step.abstract_state["params"]
+    mask = trainer.trainable_mask(variant, params)
+    trainable = sum(int(np.prod(leaf.shape)) for leaf, keep in
+                    zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if keep)
+    runs.append({"mode": mode, "compiled": compiled, "state": state, "batch": batch,
+                 "compile_s": compile_s, "trainable": trainable, "times": [],
+                 "memory": summary.CompiledMemory.from_compiled(compiled), "model": model,
+                 "train_step": train_step})
+  for _ in range(_STEPS.value):  # Side by side: one step of each mode per round.
+    for run in runs:
+      start = time.perf_counter()
+      run["state"], metrics = run["compiled"](run["state"], run["batch"])
+      jax.block_until_ready(metrics)
+      run["times"].append(time.perf_counter() - start)
+  first = runs[0]
+  lines = _describe(config, first["model"], first["train_step"])
+  lines.append(f"{_STEPS.value} rounds of one step per mode, after {_WARMUP.value} warm-up "
+               "step(s) each:")
+  reference = float(np.median(first["times"]))
+  for run in runs:
+    median = float(np.median(run["times"]))
+    lines.append(
+        f"  {run['mode']:6} trainable {run['trainable'] / 1e6:8.2f}M  step median "
+        f"{median:.3f} s (fastest {min(run['times']):.3f}), {median / reference:.2f}x "
+        f"{first['mode']}; compile {run['compile_s']:.1f} s; compiled memory per device "
+        f"{_gib(run['memory'].total)} (arguments {_gib(run['memory'].argument)}, temp "
+        f"{_gib(run['memory'].temp)})")
+  print("\n".join(lines), flush=True)
+
+
 def _peak(config) -> tuple[float, str]:
   peak, source = metrics_lib.device_peak_tflops(config.train.peak_tflops)
   if source.startswith("measured"):
@@ -200,6 +257,8 @@ def main(argv):
   config = _CONFIG.value
   if _COMPARE.value:
     compare_depths(config, [int(d) for d in _COMPARE.value])
+  elif _FINETUNING.value:
+    compare_finetuning(config, _FINETUNING.value)
   else:
     benchmark(config)
 
