@@ -237,7 +237,14 @@ def export_lora_run(source: str, output: str) -> int:
   Llama / Mistral / Qwen2 module names). Returns the number of tensors."""
   from mm1_jax.conversion import peft_lora
 
+  from mm1_jax.models import lora
+
   model, params, experiment = load_lora_run(source)
+  elsewhere = [path for path in lora.adapted_module_paths(params) if not path.startswith("llm/")]
+  if elsewhere:  # A peft adapter directory of an HF LLM has no place for them.
+    raise ValueError(f"--source={source}: the run has adapters outside the LLM ({elsewhere[0]}, "
+                     f"{len(elsewhere)} in all), which a Hugging Face peft adapter of the LLM "
+                     "cannot hold; merge the run instead (--lora_merge).")
   tensors = peft_lora.export_peft_adapters(params["llm"], model.llm, model.lora)
   base = ",".join(experiment.init_from) or None
   peft_lora.write_peft_adapter_dir(output, tensors, model.lora, base_model_name_or_path=base)

@@ -142,10 +142,12 @@ class Experiment:
   @property
   def trained_model(self) -> MM1Config:
     """The model with the towers the optimizer freezes marked frozen, so that
-    no gradient is computed for them either."""
-    freeze = self.optimizer.freeze
-    return self.model.replace(freeze_encoder=self.model.freeze_encoder or "encoder" in freeze,
-                              freeze_llm=self.model.freeze_llm or "llm" in freeze)
+    no gradient is computed for them either; with LoRA also the towers that
+    hold adapters (their base is frozen, the adapters keep their gradients)."""
+    from mm1_jax.models import lora  # pylint: disable=import-outside-toplevel
+    frozen = set(self.optimizer.freeze) | lora.adapted_parts(self.model)
+    return self.model.replace(freeze_encoder=self.model.freeze_encoder or "encoder" in frozen,
+                              freeze_llm=self.model.freeze_llm or "llm" in frozen)
 
 
 # ---------------------------------------------------------------------------
@@ -260,7 +262,7 @@ def validate(e: Experiment, *, workdir: str | None = None, num_devices: int | No
   validate_model(e.model)
   if e.model.lora.enabled:
     from mm1_jax.models import lora  # Builds the model abstractly: only for LoRA runs.
-    lora.check_targets(e.model.lora, e.model.llm)
+    lora.check_targets(e.model)
   validate_input(e.data)
   validate_optimizer(e.optimizer)
   validate_train(e.train)

@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mm1_jax.models.config import ConnectorConfig
+from mm1_jax.models.config import ConnectorConfig, LoraConfig
 from mm1_jax.typed_config import ConfigError
-from mm1_jax.models.layers import (DEFAULT_KERNEL_INIT, RESIDUAL_AXES, Dtype, Mlp, as_dtype,
-                                   dense, dot_product_attention, layer_norm)
+from mm1_jax.models.layers import (DEFAULT_KERNEL_INIT, RESIDUAL_AXES, Dtype, LoraScope, Mlp,
+                                   as_dtype, dense, dot_product_attention, layer_norm)
 from mm1_jax.sharding import constrain
 
 # timm's LayerNorm2d (the C-Abstractor's norm) uses eps 1e-6.
@@ -92,10 +92,11 @@ class SqueezeExcite(nn.Module):
   reduced_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: LoraScope | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True, lora=self.lora)
     # Mean over many positions: accumulate in float32.
     squeezed = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
     squeezed = nn.silu(dense(self.reduced_dim, ("embed", "mlp"), name="fc1", **kw)(squeezed))
@@ -121,10 +122,11 @@ class Bottleneck(nn.Module):
   se_ratio: float = 0.25
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: LoraScope | None = None  # Adapters on the targeted 1x1 convs (linears).
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
     norm = functools.partial(_norm, eps=CONV_NORM_EPS, param_dtype=self.param_dtype)
     in_dim = x.shape[-1]
 
@@ -161,23 +163,35 @@ class RegStage(nn.Module):
   se_ratio: float = 0.25
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: LoraScope | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(self.depth):
       # Blocks named b1, b2, ... as in timm, to ease checkpoint conversion.
       x = Bottleneck(self.out_dim, self.se_ratio, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name=f"b{i + 1}")(x)
+                     param_dtype=self.param_dtype, lora=self.lora, name=f"b{i + 1}")(x)
       x = constrain(x, _GRID_AXES)
     return x
 
 
 class Connector(nn.Module):
-  """Fields shared by every connector: [B, L, Dv] -> [B, num_image_tokens, out_dim]."""
+  """Fields shared by every connector: [B, L, Dv] -> [B, num_image_tokens, out_dim].
+
+  lora: adapters on the linears it targets (module paths "connector/...";
+  None or rank 0: none).
+  """
   config: ConnectorConfig
   out_dim: int  # The LLM width.
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: LoraConfig | None = None
+
+  @property
+  def lora_scope(self) -> LoraScope | None:
+    if self.lora is None or not self.lora.enabled:
+      return None
+    return LoraScope(self.lora, "connector", tuple(self.path))
 
 
 class CAbstractor(Connector):
@@ -192,7 +206,7 @@ class CAbstractor(Connector):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora_scope)
     batch, num_patches, width = x.shape
     side = _grid_side(num_patches)
     out_side = _grid_side(c.num_image_tokens)
@@ -232,7 +246,7 @@ class AveragePooling(Connector):
     grid = x.astype(as_dtype(self.dtype)).reshape(batch, side, side, width)
     tokens = adaptive_avg_pool2d(grid, out_side).reshape(batch, out_side * out_side, width)
     tokens = dense(self.out_dim, ("embed", "mlp"), name="proj", use_bias=True,
-                   dtype=self.dtype, param_dtype=self.param_dtype)(tokens)
+                   dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora_scope)(tokens)
     return constrain(tokens, RESIDUAL_AXES)
 
 
@@ -247,7 +261,8 @@ class AttentionPooling(Connector):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True,
+              lora=self.lora_scope)
     dtype = as_dtype(self.dtype)
     batch, _, width = x.shape
     if width % c.num_heads:
@@ -282,7 +297,8 @@ class MlpConnector(Connector):
       raise ValueError(f"the MLP connector keeps all {x.shape[1]} patches, but "
                        f"num_image_tokens is {self.config.num_image_tokens}.")
     tokens = Mlp(self.out_dim, activation="gelu", out_dim=self.out_dim, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="mlp")(x.astype(as_dtype(self.dtype)))
+                 param_dtype=self.param_dtype, lora=self.lora_scope,
+                 name="mlp")(x.astype(as_dtype(self.dtype)))
     return constrain(tokens, RESIDUAL_AXES)
 
 
@@ -295,10 +311,11 @@ CONNECTORS = {
 
 
 def build_connector(config: ConnectorConfig, out_dim: int, dtype: Dtype = jnp.float32,
-                    param_dtype: Dtype = jnp.float32) -> nn.Module:
+                    param_dtype: Dtype = jnp.float32, lora: LoraConfig | None = None
+                    ) -> nn.Module:
   """The connector module named by config.kind, mapping [B, L, Dv] -> [B, M, out_dim]."""
   if config.kind not in CONNECTORS:
     raise ConfigError(f"connector.kind: unknown connector {config.kind!r}; "
                       f"use one of {tuple(CONNECTORS)}.")
   return CONNECTORS[config.kind](config=config, out_dim=out_dim, dtype=dtype,
-                                 param_dtype=param_dtype)
+                                 param_dtype=param_dtype, lora=lora)

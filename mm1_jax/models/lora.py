@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mm1_jax.models import qlora
-from mm1_jax.models.config import DecoderConfig, LoraConfig
+from mm1_jax.models.config import (ConnectorConfig, DecoderConfig, LoraConfig, MM1Config,
+                                   VitConfig)
 from mm1_jax.typed_config import ConfigError
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
@@ -191,40 +192,67 @@ def _nf4_kernel(tree: Mapping[str, Any], weight: str, lora_a: Any, lora_b: Any |
   return flat.reshape(tuple(lora_a.shape[:-1]) + tuple(lora_b.shape[num_batch + 1:]))
 
 
-def check_targets(config: LoraConfig, llm: DecoderConfig, path: str = "model.lora") -> None:
-  """Raises ConfigError when a target pattern matches no linear that takes adapters."""
+def check_targets(model: MM1Config, path: str = "model.lora") -> None:
+  """Raises ConfigError when a target pattern matches no linear that takes
+  adapters, or (QLoRA) a quantised linear's fan-in holds no whole NF4 blocks."""
+  config = model.lora
   if not config.enabled:
     return
-  available = linear_module_paths(llm)
+  available = linear_module_paths(model.encoder, model.connector, model.llm)
   for pattern in config.targets:
     if not any(fnmatch.fnmatchcase(module, pattern) for module in available):
-      shown = ", ".join(available[:8]) + (" ..." if len(available) > 8 else "")
+      part = [m for m in available if m.split(_SEPARATOR)[0] == pattern.split(_SEPARATOR)[0]]
+      candidates = part or list(available)  # Those of the part the pattern names, first.
+      shown = ", ".join(candidates[:8]) + (" ..." if len(candidates) > 8 else "")
       raise ConfigError(
-          f"{path}.targets: {pattern!r} matches no linear layer that takes adapters: only the "
-          f"LLM's do (not the encoder's or the connector's, which optimizer.freeze trains whole "
-          f"or freezes), {len(available)}: {shown}; e.g. 'llm/blocks/*' for all but lm_head.")
+          f"{path}.targets: {pattern!r} matches no linear layer, of {len(candidates)}: {shown}; "
+          "e.g. 'llm/blocks/*' for the LLM's layers (not lm_head), 'encoder/blocks/*', "
+          "'connector/*'.")
   if config.quantized:  # Every quantised linear's fan-in must hold whole NF4 blocks.
-    import flax.linen as nn  # pylint: disable=import-outside-toplevel
-
-    from mm1_jax.models.decoder import Decoder  # pylint: disable=import-outside-toplevel
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     try:
-      jax.eval_shape(Decoder(llm, lora=config).init, jax.random.key(0), tokens)
+      _abstract_tower_params(model.encoder, model.connector, model.llm, config)
     except ValueError as error:
       raise ConfigError(f"{path}.quantize='nf4': {error}") from None
 
 
-@functools.lru_cache(maxsize=16)
-def linear_module_paths(llm: DecoderConfig) -> tuple[str, ...]:
-  """Module paths of the linears that can take adapters: every one of the
-  LLM ("llm/blocks/layer_0/attn/query", ..., "llm/lm_head"). From the
-  model's own structure (an abstract init, nothing allocated)."""
-  import flax.linen as nn
+def adapted_parts(model: MM1Config) -> frozenset[str]:
+  """The parts ("encoder", "connector", "llm") with a linear the LoRA targets:
+  their base is frozen (only the adapters train there)."""
+  if not model.lora.enabled:
+    return frozenset()
+  paths = linear_module_paths(model.encoder, model.connector, model.llm)
+  return frozenset(p.split(_SEPARATOR)[0] for p in paths if model.lora.targets_module(p))
 
-  from mm1_jax.models.decoder import Decoder
 
-  every = LoraConfig(rank=1, targets=("*",))
+def _abstract_tower_params(encoder: VitConfig, connector: ConnectorConfig, llm: DecoderConfig,
+                           lora: LoraConfig) -> dict[str, Any]:
+  """{part: abstract params} of each tower built alone with `lora` (nothing allocated)."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  from mm1_jax.models.connectors import build_connector  # pylint: disable=import-outside-toplevel
+  from mm1_jax.models.decoder import Decoder  # pylint: disable=import-outside-toplevel
+  from mm1_jax.models.vit import VisionTransformer  # pylint: disable=import-outside-toplevel
+
+  key = jax.random.key(0)
+  images = jax.ShapeDtypeStruct((1, encoder.image_size, encoder.image_size, 3), jnp.float32)
+  features = jax.ShapeDtypeStruct((1, encoder.num_patches, encoder.width), jnp.float32)
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  variables = jax.eval_shape(Decoder(llm, lora=every).init, jax.random.key(0), tokens)
-  params = nn.unbox(variables)["params"]
-  return tuple("llm/" + path for path in adapted_module_paths(params))
+  towers = {"encoder": (VisionTransformer(encoder, lora=lora), images),
+            "connector": (build_connector(connector, llm.width, lora=lora), features),
+            "llm": (Decoder(llm, lora=lora), tokens)}
+  return {part: nn.unbox(jax.eval_shape(module.init, key, example))["params"]
+          for part, (module, example) in towers.items()}
+
+
+@functools.lru_cache(maxsize=16)
+def linear_module_paths(encoder: VitConfig, connector: ConnectorConfig,
+                        llm: DecoderConfig) -> tuple[str, ...]:
+  """Module paths of every linear that can take adapters, by part:
+  "encoder/patch_embed", "encoder/blocks/attn/query", ...,
+  "connector/s1/b1/conv1", ..., "connector/readout_0",
+  "llm/blocks/layer_0/attn/query", ..., "llm/lm_head". From the model's own
+  structure (abstract inits, nothing allocated)."""
+  every = LoraConfig(rank=1, targets=("*",))
+  towers = _abstract_tower_params(encoder, connector, llm, every)
+  return tuple(f"{part}/{path}" for part, params in towers.items()
+               for path in adapted_module_paths(params))

@@ -60,9 +60,9 @@ class MM1Model(nn.Module):
   Returns (logits float32 [B, T, vocab], aux) where aux holds the MoE
   statistics and 'moe_loss', their weighted sum to add to the loss.
 
-  With config.lora enabled the LLM's targeted linears carry adapters and its
-  base parameters are frozen (no gradient); LoRA dropout is active when the
-  caller passes a 'dropout' rng (the train step does).
+  With config.lora enabled the targeted linears (of the LLM by default; the
+  encoder's and the connector's when targeted) carry adapters; LoRA dropout
+  is active when the caller passes a 'dropout' rng (the train step does).
 
   Decoding with a KV cache (mm1_jax/evaluation/decoding.py drives these):
   `prefill` runs right-padded prompts into a cache from decoder.init_cache,
@@ -73,12 +73,13 @@ class MM1Model(nn.Module):
   def setup(self):
     c = self.config
     kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
+    # A frozen tower computes no weight gradients but its adapters' (the
+    # trainer freezes every tower that holds adapters: Experiment.trained_model).
     encoder_cls = _frozen(VisionTransformer) if c.freeze_encoder else VisionTransformer
-    self.encoder = encoder_cls(c.encoder, **kw)
-    self.connector = build_connector(c.connector, c.llm.width, **kw)
-    # LoRA adapts the LLM: its base is frozen, only the adapters train.
+    self.encoder = encoder_cls(c.encoder, lora=c.lora, **kw)
+    self.connector = build_connector(c.connector, c.llm.width, lora=c.lora, **kw)
     llm_cls = (_frozen(Decoder, ("__call__", "embed", "extend", "logits"))
-               if c.freeze_llm or c.lora.enabled else Decoder)
+               if c.freeze_llm else Decoder)
     self.llm = llm_cls(c.llm, lora=c.lora, **kw)
 
   def encode_images(self, images: jax.Array, image_mask: jax.Array) -> jax.Array:

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mm1_jax.models.config import VitConfig
-from mm1_jax.models.layers import (RESIDUAL_AXES, Attention, Dtype, Mlp, as_dtype, dense,
-                                   layer_norm, maybe_remat)
+from mm1_jax.models.config import LoraConfig, VitConfig
+from mm1_jax.models.layers import (RESIDUAL_AXES, Attention, Dtype, LoraScope, Mlp, as_dtype,
+                                   dense, layer_norm, maybe_remat)
 from mm1_jax.sharding import constrain
 
 _EMBED_INIT = nn.initializers.normal(stddev=0.02)
@@ -99,6 +99,7 @@ class Block(nn.Module):
   config: VitConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: LoraScope | None = None  # Adapters on the targeted projections.
 
   def _layer_scale(self, name: str, h: jax.Array) -> jax.Array:
     if self.config.layer_scale_init is None:
@@ -112,7 +113,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
     c = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
     norm = functools.partial(layer_norm, eps=c.norm_eps, param_dtype=self.param_dtype)
     dtype = as_dtype(self.dtype)
 
@@ -137,10 +138,14 @@ class VisionTransformer(nn.Module):
 
   Only config.num_layers_built blocks exist (config.feature_layer); the final
   norm runs only when the last block is the feature layer.
+
+  lora: adapters on the linears it targets (module paths "encoder/...",
+  e.g. "encoder/blocks/attn/query"; None or rank 0: none).
   """
   config: VitConfig
   dtype: Dtype = "float32"
   param_dtype: Dtype = "float32"
+  lora: LoraConfig | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -152,6 +157,8 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"VisionTransformer expects images [B, {c.image_size}, {c.image_size}, 3] "
                        f"(encoder.image_size), got {tuple(images.shape)}.")
     grid, patch = c.grid_size, c.patch_size
+    lora = (LoraScope(self.lora, "encoder", tuple(self.path))
+            if self.lora is not None and self.lora.enabled else None)
 
     # Patchify + dense == the stride-p conv of the reference models, and is a
     # plain matmul on every backend. [B, g, g, p, p, 3] -> [B, g, g, D]; the
@@ -162,7 +169,8 @@ class VisionTransformer(nn.Module):
     # is): Flax rejects a logical name used twice in one array once a mesh
     # and logical rules are active ("Dimensions ... occur more than once").
     x = dense(c.width, ("conv_spatial", None, "conv_in", "embed"), axis=(-3, -2, -1),
-              name="patch_embed", use_bias=c.patch_bias, dtype=dtype, param_dtype=param_dtype)(x)
+              name="patch_embed", use_bias=c.patch_bias, dtype=dtype, param_dtype=param_dtype,
+              lora=lora)(x)
     x = x.reshape(batch, grid * grid, c.width)
 
     num_prefix = 1 if c.class_token else 0
@@ -186,10 +194,10 @@ class VisionTransformer(nn.Module):
     stack = nn.scan(
         maybe_remat(Block, c.remat_policy),
         variable_axes={"params": 0},
-        split_rngs={"params": True},
+        split_rngs={"params": True, "dropout": True},  # Each block its own LoRA dropout.
         length=c.num_layers_built,
         metadata_params={nn.PARTITION_NAME: "layers"},
-    )(c, dtype=dtype, param_dtype=param_dtype, name="blocks")
+    )(c, dtype=dtype, param_dtype=param_dtype, lora=lora, name="blocks")
     x, _ = stack(x)
 
     if c.uses_final_norm:

@@ -70,8 +70,6 @@ def build(experiment: Experiment, mesh=None) -> tuple[TrainStep, Any]:
   the LLM's base is frozen, its adapters train). mesh: default, the
   experiment's (e.g. one CPU device for a host-side merge)."""
   model = experiment.trained_model
-  if model.lora.enabled:
-    model = model.replace(freeze_llm=True)
   if mesh is None:
     mesh = sharding.make_mesh(experiment.mesh.sizes())
   params = accounting.abstract_params(model)

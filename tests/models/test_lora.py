@@ -210,9 +210,9 @@ def tiny_model(**lora) -> dict:
 
 @pytest.mark.parametrize("lora, field, message", [
     (dict(targets=("llm/blocks/*/attention/*",)), "model.lora.targets",
-     r"'llm/blocks/\*/attention/\*' matches no linear layer .*llm/blocks/layer_0/attn/key"),
-    (dict(targets=("encoder/*",)), "model.lora.targets",
-     "'encoder/\\*' matches no linear layer that takes adapters: only the LLM's"),
+     r"'llm/blocks/\*/attention/\*' matches no linear layer, of 16: llm/blocks/layer_0/attn/key"),
+    (dict(targets=("encoder/*/attention/*",)), "model.lora.targets",
+     r"'encoder/\*/attention/\*' matches no linear layer, of 7: encoder/blocks/attn/key"),
     (dict(targets=()), "model.lora.targets", "empty"),
     (dict(rank=-1), "model.lora.rank", "must be an integer >= 0"),
     (dict(alpha=0.0), "model.lora.alpha", "must be > 0"),
@@ -221,18 +221,21 @@ def tiny_model(**lora) -> dict:
 def test_bad_lora_settings_are_one_line_config_errors(lora, field, message):
   with pytest.raises(ConfigError, match=field.replace(".", r"\.") + ": " + message) as error:
     config = MM1Config.from_dict(tiny_model(**lora))
-    lora_lib.check_targets(config.lora, config.llm)  # Experiment validation calls it.
+    lora_lib.check_targets(config)  # Experiment validation calls it.
   assert "\n" not in str(error.value)
 
 
 def test_targets_select_modules_by_path():
   config = config_lib.mm1_config(tiny.get_config())
-  paths = lora_lib.linear_module_paths(config.llm)
+  paths = lora_lib.linear_module_paths(config.encoder, config.connector, config.llm)
   assert "llm/lm_head" in paths and "llm/blocks/layer_1/moe/up" in paths
   assert "llm/blocks/layer_1/moe/router" in paths
+  # The encoder's and the connector's linears can be targeted too.
+  assert {"encoder/patch_embed", "encoder/blocks/attn/query", "encoder/blocks/mlp/fc1",
+          "connector/readout_0", "connector/s1/b1/conv1", "connector/s1/b1/se/fc1"} <= set(paths)
   default = LoraConfig(rank=2)
   assert [p for p in paths if default.targets_module(p)] == [
-      p for p in paths if p != "llm/lm_head"]
+      p for p in paths if p.startswith("llm/blocks/")]
   attention = LoraConfig(rank=2, targets=("llm/*/attn/query", "llm/*/moe/up"))
   assert [p for p in paths if attention.targets_module(p)] == [
       "llm/blocks/layer_0/attn/query", "llm/blocks/layer_1/attn/query",
@@ -337,3 +340,56 @@ def test_experiment_validation_checks_the_targets():
   config.model.lora.update(rank=4, targets=("llm/nothing/*",))
   with pytest.raises(ConfigError, match=r"model\.lora\.targets: 'llm/nothing/\*' matches no"):
     Experiment.from_config(config, num_devices=1, mixture_has_images=lambda m, v: True)
+
+
+def test_encoder_and_connector_adapters_train_while_their_bases_freeze():
+  """Targets in all three towers: every adapter gets a gradient, the frozen
+  bases of the encoder and LLM none (stop_gradient), the connector's base is
+  frozen by the optimizer's labels; merging folds all of them."""
+  from mm1_jax import testing
+  from mm1_jax.experiment import Experiment
+  from mm1_jax.models.multimodal import MM1Model
+  from mm1_jax.training import loss as loss_lib
+  from mm1_jax.training import optimizer as opt
+  config = tiny.get_config("dense")
+  config.model.lora.update(rank=2, targets=("encoder/blocks/*", "connector/*", "llm/*/mlp/*"))
+  experiment = Experiment.from_config(config, num_devices=1, mixture_has_images=lambda *_: True)
+  model = experiment.trained_model
+  assert model.freeze_encoder and model.freeze_llm  # Towers with adapters: base frozen.
+  assert lora_lib.adapted_parts(experiment.model) == {"encoder", "connector", "llm"}
+  params = testing.random_params(model)
+  paths = lora_lib.adapted_module_paths(params)
+  assert "encoder/blocks/attn/query" in paths and "connector/readout_0" in paths
+  assert "encoder/patch_embed" not in paths and "llm/blocks/layer_0/attn/query" not in paths
+  labels = opt.partition_labels(params)
+  assert labels["connector"]["readout_0"]["kernel"] == opt.FROZEN
+  assert labels["connector"]["readout_0"]["lora_a"] == opt.TRAIN
+
+  seed = 0
+  while True:  # An image in every row, so that the encoder gets gradients.
+    rows = testing.random_multimodal_batch(model, 2, 48, seed=seed, max_images_per_row=1)
+    if rows["image_mask"].any(axis=1).all():
+      break
+    seed += 1
+  tokens = rows["tokens"]
+  batch = {"decoder_target_tokens": np.roll(tokens, -1, axis=1),
+           "decoder_loss_weights": np.ones_like(tokens)}
+  network = MM1Model(model)
+
+  def loss(params):
+    logits, aux = network.apply({"params": params}, tokens, rows["images"], rows["image_mask"])
+    return loss_lib.total_loss(logits, batch, aux)[0]
+  grads = jax.jit(jax.grad(loss))(params)
+  for part in ("encoder", "llm"):
+    assert not any(np.any(x) for x in jax.tree.leaves(lora_lib.without_lora(grads[part]))), part
+  for part in ("encoder", "connector", "llm"):
+    adapter_grads = jax.tree_util.tree_flatten_with_path(lora_lib.lora_params(grads[part]))[0]
+    zero = [jax.tree_util.keystr(k) for k, x in adapter_grads if not np.any(x)]
+    assert adapter_grads and not zero, (part, zero)
+
+  merged = lora_lib.merge_lora(params, model.lora)
+  plain = model.replace(lora=LoraConfig())
+  args = (tokens, rows["images"], rows["image_mask"])
+  adapted = jax.jit(network.apply)({"params": params}, *args)[0]
+  folded = jax.jit(MM1Model(plain).apply)({"params": merged}, *args)[0]
+  assert max_relative_error(folded, adapted) <= 1e-5
