@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from mm1_jax.training import checkpoint as checkpoint_lib
 from mm1_jax.training import trainer
@@ -47,22 +48,111 @@ def single_device_env():
   return env
 
 
-def test_kill_minus_nine_and_resume_gives_identical_losses(tmp_path):
+QLORA = dict(rank=4, alpha=8.0, quantize="nf4", dropout=0.1)
+
+
+def qlora_flags(base_dir):
+  """QLoRA on the tiny LLM (rank 4, NF4 base, LoRA dropout) from `base_dir`."""
+  return [f"--config.model.lora.{key}={value}" for key, value in QLORA.items()] + [
+      f"--config.init_from={base_dir}"]
+
+
+def qlora_experiment(num_steps, base_dir):
+  """The Experiment train_command + qlora_flags describe (for in-process checks)."""
+  from configs import tiny
+  from mm1_jax.experiment import Experiment
+  config = tiny.get_config()
+  config.model.lora.update(QLORA)
+  config.train.update(num_steps=num_steps, log_every=1, checkpoint_every=3, peak_tflops=1.0)
+  config.optimizer.update(warmup_steps=2)
+  # The batch does not shape a checkpoint; 8 rows split over the 8 virtual
+  # devices this process has (conftest.py), where the CLI run has one.
+  config.data.update(seq_len=64, batch_size=8)
+  config.init_from = str(base_dir)
+  return Experiment.from_config(config)
+
+
+def write_float_llm(directory, seed):
+  """A float checkpoint of the tiny LLM: {'llm': params}, returned too."""
+  from configs import tiny
+  from mm1_jax import config_lib, testing
+  from mm1_jax.models import lora as lora_lib
+  model = config_lib.mm1_config(tiny.get_config())
+  base = lora_lib.without_lora(testing.random_params(model, seed=seed))
+  checkpoint_lib.save_params(str(directory), {"llm": base["llm"]})
+  return base["llm"]
+
+
+def check_qlora_run(workdir, base_dir, base, tmp_path):
+  """A QLoRA run's checkpoints hold only what trains and the base's
+  description; restoring (evaluate / generate / chat, and resume) rebuilds
+  the NF4 base from init_from, merge and export work on it, and another
+  base is refused naming both fingerprints."""
+  import jax
+  from mm1_jax import convert
+  from mm1_jax.models import lora as lora_lib
+  from mm1_jax.models import qlora
+
+  last = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  step_dir = workdir / "checkpoints" / str(last)
+  saved = checkpoint_lib.read_base(str(step_dir))
+  assert saved["init_from"] == [str(base_dir)] and len(saved["fingerprint"]) == 16
+  stored = checkpoint_lib._read_tree_metadata(step_dir / checkpoint_lib.STATE_ITEM)["params"]
+  stored_leaves = [checkpoint_lib.path_string(p) for p, _ in
+                   jax.tree_util.tree_flatten_with_path(stored)[0]]
+  llm_leaves = [path for path in stored_leaves if path.startswith("llm/")]
+  # The LLM's base is not saved: only its adapters (the towers without
+  # adapters train whole in this config, and are saved whole).
+  assert llm_leaves and all(lora_lib.is_adapter(path.split("/")) for path in llm_leaves)
+
+  experiment = qlora_experiment(20, base_dir)
+  params, _, _, step = trainer.restore_params(experiment, str(workdir))
+  assert step == last
+  query = jax.device_get(params["llm"]["blocks"]["layer_0"]["attn"]["query"])
+  expected = qlora.quantize_kernel(base["blocks"]["layer_0"]["attn"]["query"]["kernel"],
+                                   query["kernel_nf4_codes"].shape, experiment.model.lora)
+  for field, value in expected.items():
+    np.testing.assert_array_equal(query[qlora.nf4_leaf("kernel", field)], value)
+  assert any(np.any(np.asarray(x)) for x in jax.tree.leaves(lora_lib.lora_params(params)))
+  merged, _ = convert.merge_lora_run(str(workdir))  # Dequantised base + adapters, float32.
+  assert not qlora.quantized_weights(merged)
+  expected = jax.device_get(lora_lib.merge_lora(params, experiment.model.lora))
+  jax.tree.map(np.testing.assert_array_equal, merged, expected)
+  assert convert.export_lora_run(str(workdir), str(tmp_path / "peft")) > 0
+
+  other_dir = tmp_path / "other_llm"
+  write_float_llm(other_dir, seed=4)
+  with pytest.raises(checkpoint_lib.BaseMismatchError,
+                     match=rf"fingerprint {saved['fingerprint']} .*{other_dir}.* gives the "
+                           r"base [0-9a-f]{16}: pass the unchanged init_from"):
+    trainer.restore_params(qlora_experiment(20, other_dir), str(workdir))
+
+
+@pytest.mark.parametrize("kind", ["full", "qlora"])
+def test_kill_minus_nine_and_resume_gives_identical_losses(tmp_path, kind):
   """The acceptance of issue 4: 20 steps straight == 10 steps, kill -9 of the
-  real process, resume to 20 (checkpoints every 3 steps: resumes from 9)."""
+  real process, resume to 20 (checkpoints every 3 steps: resumes from 9).
+  QLoRA (issue 17): the checkpoints hold the adapters and the connector, the
+  NF4 base is rebuilt from init_from on resume; LoRA dropout draws its masks
+  from the restored RNG."""
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   steps = 20
-  straight_run = subprocess.Popen(train_command(straight, steps), cwd=REPO,
+  if kind == "qlora":
+    base = write_float_llm(tmp_path / "base_llm", seed=3)
+  extra = qlora_flags(tmp_path / "base_llm") if kind == "qlora" else []
+  straight_run = subprocess.Popen(train_command(straight, steps) + extra, cwd=REPO,
                                   env=single_device_env(), stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE)
-  process = subprocess.Popen(train_command(killed, steps), cwd=REPO, env=single_device_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  process = subprocess.Popen(train_command(killed, steps) + extra, cwd=REPO,
+                             env=single_device_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
   wait_for_step(killed, 10)  # Kill once step 10 is done: past the step-9 checkpoint.
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert max(losses(killed)) < steps  # Really killed mid-run.
-  subprocess.run(train_command(killed, steps), cwd=REPO, env=single_device_env(), check=True,
-                 capture_output=True)
+  subprocess.run(train_command(killed, steps) + extra, cwd=REPO, env=single_device_env(),
+                 check=True, capture_output=True)
+
   errors = straight_run.communicate()[1].decode()
   assert straight_run.returncode == 0, errors[-2000:]
   # Quiet on a CPU machine: no TensorFlow start-up INFO, CUDA probe ERROR,
@@ -76,6 +166,8 @@ def test_kill_minus_nine_and_resume_gives_identical_losses(tmp_path):
     logged = [json.loads(line)["step"] for line in f]
   # The resumed run replaced the lines of the steps after its checkpoint.
   assert logged == list(range(1, steps + 1))
+  if kind == "qlora":
+    check_qlora_run(killed, tmp_path / "base_llm", base, tmp_path)
 
 
 def test_sigterm_saves_and_exits(tmp_path):
