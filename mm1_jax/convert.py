@@ -203,8 +203,10 @@ def load_lora_run(source: str):
   if not config_path.exists():
     raise FileNotFoundError(f"--source={source}: the run's {config_path} is missing; "
                             "it gives the model and its LoRA settings.")
-  values = json.loads(config_path.read_text())
-  experiment = Experiment.from_config(values, check_init_from=False,
+  # Checked for the one host device the merge runs on, not the training
+  # mesh (whose device count this machine need not have).
+  values = {**json.loads(config_path.read_text()), "mesh": {}}
+  experiment = Experiment.from_config(values, num_devices=1, check_init_from=False,
                                       mixture_has_images=lambda *_: True)
   if not experiment.model.lora.enabled:
     raise ValueError(f"--source={source}: the run's config has model.lora.rank=0 (no adapters); "
