@@ -174,7 +174,12 @@ def quantize_into(params: dict[str, Any], abstract: Mapping[str, Any], config: L
   Peak host memory: one float kernel and its codes."""
   params = dict(params)
   for path, codes_shape in quantized_weights(abstract):
-    arrays = quantize_kernel(read_kernel(path), codes_shape, config)
+    kernel = read_kernel(path)
+    try:
+      arrays = quantize_kernel(kernel, codes_shape, config)
+    except ValueError as error:
+      raise ValueError(f"{'/'.join(path)}: {error} Check that the checkpoint was written for "
+                       "this model config.") from None
     *module, weight = path
     target, shapes = params, abstract
     for key in module:  # Copies along the path: the caller's dicts stay as they were.
