@@ -111,14 +111,16 @@ class DenseGeneral(nn.Module):
         1.0, "fan_in", "truncated_normal", in_axis=tuple(range(num_in)),
         out_axis=tuple(range(num_in, num_in + num_out)))
     param_dtype, dtype = as_dtype(self.param_dtype), as_dtype(self.dtype)
+    contract = ((axis, tuple(range(num_in))), ((), ()))
     if self.lora is not None and self.lora.quantizes(self.path):  # QLoRA: an NF4 base.
-      kernel = qlora.nf4_kernel(self, "kernel", (), in_dims, self.features, self.kernel_axes,
-                                self.lora.config, dtype, self.lora.module_path(self.path))
+      nf4_kernel = qlora.nf4_kernel(self, "kernel", (), in_dims, self.features, self.kernel_axes,
+                                    self.lora.config, dtype, self.lora.module_path(self.path))
+      y = nf4_kernel.matmul(lambda x, kernel: jax.lax.dot_general(x, kernel, contract),
+                            x.astype(dtype))
     else:
       kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
                           in_dims + self.features, param_dtype)
-    contract = ((axis, tuple(range(num_in))), ((), ()))
-    y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), contract)
+      y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), contract)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
           nn.initializers.zeros, self.kernel_axes[num_in:]), self.features, param_dtype)

@@ -62,7 +62,7 @@ class ExpertLinear(NamedTuple):
 
   dropout: the adapters' input dropout (identity outside training).
   """
-  kernel: jax.Array
+  kernel: jax.Array | qlora.Nf4Kernel  # NF4 (QLoRA): dequantised inside each product.
   lora_a: jax.Array | None = None
   lora_b: jax.Array | None = None
   scale: float = 1.0
@@ -72,7 +72,10 @@ class ExpertLinear(NamedTuple):
                ) -> jax.Array:
     """x @ kernel per expert, plus the low-rank update. matmul(lhs, rhs) is
     the dispatch's per-expert product of lhs [..., in] and rhs [E, in, out]."""
-    y = matmul(x, self.kernel)
+    if isinstance(self.kernel, qlora.Nf4Kernel):
+      y = self.kernel.matmul(matmul, x)
+    else:
+      y = matmul(x, self.kernel)
     if self.lora_a is None:
       return y
     update = matmul(matmul(self.dropout(x), self.lora_a), self.lora_b)

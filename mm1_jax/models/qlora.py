@@ -13,9 +13,11 @@ MoE experts) as the arrays of an nf4.Nf4Tensor, bitsandbytes' layout:
 in / out: the products of the kernel's input and output dims (a query kernel
 [D, heads, head_dim] is the [D, heads * head_dim] weight HF's q_proj holds
 transposed); lead: the scanned layer dim and, for experts, the expert dim.
-The layer dequantises its weight in the compute dtype when it runs, inside
-the scanned (and rematerialised) layer, so only one layer's weight is ever
-in full precision; the adapters stay in param_dtype.
+The layer dequantises its weight in the compute dtype inside each product
+(Nf4Kernel.matmul), rematerialised: the backward pass dequantises again
+rather than keeping the float kernel, so only the running layer's weight is
+ever in full precision, whatever the model's remat policy; the adapters stay
+in param_dtype.
 
 The codes are filled when weights are loaded: quantize_kernels turns the
 float kernels of an init_from checkpoint (or of a whole model, for the
@@ -32,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from mm1_jax.models import nf4
 from mm1_jax.models.config import LoraConfig
@@ -78,11 +81,39 @@ def check_fan_in(fan_in: int, block_size: int, where: str) -> None:
         "leave this linear out of model.lora.targets or pick a block_size that divides it.")
 
 
+@struct.dataclass
+class Nf4Kernel:
+  """A layer's NF4 weight, as the layer uses it: matmul(x, kernel) products
+  whose kernel [*lead, *in_dims, *out_dims] is dequantised in `dtype` inside
+  the product. The product is rematerialised (jax.checkpoint saving nothing
+  but its inputs), so the backward pass dequantises the codes again rather
+  than keeping every layer's float kernel from the forward pass: the float
+  kernel lives only while one layer runs, in training too."""
+  tensor: nf4.Nf4Tensor
+  kernel_shape: tuple[int, ...] = struct.field(pytree_node=False)
+  dtype: Any = struct.field(pytree_node=False)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.kernel_shape
+
+  def dequantize(self) -> jax.Array:
+    return nf4.dequantize_nf4(self.tensor, self.dtype).reshape(self.kernel_shape)
+
+  def matmul(self, product: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array
+             ) -> jax.Array:
+    """product(x, kernel) with the kernel dequantised inside (see the class doc)."""
+    def dequantized_product(x, tensor):
+      return product(x, self.replace(tensor=tensor).dequantize())
+    return jax.checkpoint(dequantized_product, policy=jax.checkpoint_policies.nothing_saveable
+                          )(x, self.tensor)
+
+
 def nf4_kernel(module: nn.Module, weight: str, lead: tuple[int, ...], in_dims: tuple[int, ...],
                out_dims: tuple[int, ...], axes: tuple[str | None, ...], config: LoraConfig,
-               dtype: Any, module_path: str) -> jax.Array:
-  """Declares the NF4 arrays of `weight` in `module` and returns the kernel
-  [*lead, *in_dims, *out_dims] dequantised in `dtype`.
+               dtype: Any, module_path: str) -> Nf4Kernel:
+  """Declares the NF4 arrays of `weight` in `module`; returns them as an
+  Nf4Kernel of shape [*lead, *in_dims, *out_dims] computing in `dtype`.
 
   axes: the float kernel's logical axes (lead + in + out); module_path: the
   linear's path as targets name it (for errors). The codes and
@@ -108,7 +139,7 @@ def nf4_kernel(module: nn.Module, weight: str, lead: tuple[int, ...], in_dims: t
   tensor = nf4.Nf4Tensor(arrays["codes"], arrays["absmax"], arrays.get("absmax_scale"),
                          arrays.get("offset"), shape=(fan_in, fan_out),
                          block_size=config.block_size)
-  return nf4.dequantize_nf4(tensor, dtype).reshape(lead + in_dims + out_dims)
+  return Nf4Kernel(tensor, kernel_shape=lead + in_dims + out_dims, dtype=dtype)
 
 
 def quantize_kernel(kernel: Any, codes_shape: Sequence[int], config: LoraConfig
