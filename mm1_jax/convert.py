@@ -43,6 +43,15 @@ names of HF Llama / Mistral / Qwen2; dense LLMs only):
 
 A run whose checkpoints hold only what trained rebuilds its base from the
 config's init_from (checked against the saved fingerprint) for both.
+
+QLoRA: --nf4 writes a converted LLM with the base weights of the linears
+--nf4_targets selects (default: every linear of its layer stack, as
+model.lora.targets' default) quantised to NF4, tensor by tensor, exactly as a
+QLoRA run quantises a float init_from at start-up; such a run then loads it
+as it is (its model.lora.targets, block_size and double_quant must match):
+
+    python -m mm1_jax.convert --source=smollm2 --output=checkpoints/smollm2_135m_nf4 \
+        --vocab_size=49216 --nf4
 """
 
 from __future__ import annotations
@@ -75,6 +84,11 @@ def define_flags() -> None:
   flags.DEFINE_integer("feature_layer", None, "Encoder: block whose output is the feature.")
   flags.DEFINE_bool("lora_merge", False, "--source is a LoRA training run (workdir or step "
                     "directory): merge its adapters into a plain params checkpoint.")
+  flags.DEFINE_bool("nf4", False, "LLM: store the base weights of the --nf4_targets linears as "
+                    "NF4 (QLoRA's 4-bit base; model.lora.quantize=nf4 runs load it as it is).")
+  flags.DEFINE_list("nf4_targets", ["llm/blocks/*"], "With --nf4: module path patterns, as "
+                    "model.lora.targets.")
+  flags.DEFINE_integer("nf4_block_size", 64, "With --nf4: values per absmax.", lower_bound=1)
   flags.DEFINE_bool("lora_export", False, "--source is a LoRA training run (workdir or step "
                     "directory): write its LLM adapters as a Hugging Face peft adapter "
                     "directory (adapter_config.json + adapter_model.safetensors).")
@@ -166,6 +180,39 @@ def write(output: str, component: str, config: Any, params: dict[str, Any], sour
                    {"component": component, "source": source,
                     "config": dataclasses.asdict(config),
                     "config_overrides": config_overrides(component, config)}, indent=2)
+
+
+def quantize_llm(params: dict[str, Any], llm: Any, targets: Sequence[str],
+                 block_size: int = 64) -> tuple[dict[str, Any], Any]:
+  """The LLM params (nested numpy, as convert() gives them) with the base
+  weights of the linears `targets` selects quantised to NF4 (models/qlora.py),
+  and the LoraConfig a QLoRA run needs to load them (its rank and alpha are
+  the run's own). Raises ValueError naming a target that matches nothing or
+  a fan-in that is not a multiple of block_size."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from mm1_jax.models import qlora
+  from mm1_jax.models.config import LoraConfig
+  from mm1_jax.models.decoder import Decoder
+
+  lora = LoraConfig(rank=1, targets=tuple(targets), quantize="nf4", block_size=block_size)
+  abstract = nn.unbox(jax.eval_shape(Decoder(llm, lora=lora).init, jax.random.key(0),
+                                     jax.ShapeDtypeStruct((1, 1), jnp.int32)))["params"]
+  if not qlora.quantized_weights(abstract):
+    raise ValueError(f"--nf4_targets={','.join(targets)} selects no linear of the LLM; e.g. "
+                     "llm/blocks/* (every linear of its layer stack).")
+
+  def read_kernel(path):
+    leaf = params
+    for key in path[1:]:  # Paths start with the part, "llm".
+      leaf = leaf[key]
+    return leaf
+
+  quantized = qlora.quantize_into({"llm": params}, {"llm": abstract}, lora, read_kernel,
+                                  lambda array, _: array)
+  return quantized["llm"], lora
 
 
 def _run_workdir(source: str):
@@ -299,11 +346,19 @@ def main(argv: Sequence[str]) -> None:
     return
   component, config, params = convert(FLAGS.source, FLAGS.format, FLAGS.vocab_size,
                                       FLAGS.image_size, FLAGS.feature_layer)
-  write(FLAGS.output, component, config, params, FLAGS.source)
   import jax
   count = sum(leaf.size for leaf in jax.tree.leaves(params))
+  overrides = ""
+  if FLAGS.nf4:
+    if component != "llm":
+      raise ValueError(f"--nf4 quantises an LLM; --source={FLAGS.source} is an {component}.")
+    params, lora = quantize_llm(params, config, FLAGS.nf4_targets, FLAGS.nf4_block_size)
+    targets = ",".join(f"'{t}'" for t in lora.targets)
+    overrides = (f" --config.model.lora.quantize=nf4 --config.model.lora.targets=\"({targets},)\""
+                 f" --config.model.lora.block_size={lora.block_size} and a rank > 0")
+  write(FLAGS.output, component, config, params, FLAGS.source)
   print(f"Wrote {component} ({count / 1e6:.1f}M parameters) to {FLAGS.output}; train from it "
-        f"with --config.init_from={FLAGS.output}")
+        f"with --config.init_from={FLAGS.output}{overrides}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ abstract inputs, and XLA's per-device buffer assignment is printed:
         --mesh=fsdp=256 --batch_size=512 --seq_len=4096 --device_memory_gib=16 \
         --config.model.llm.remat_policy=full --config.model.encoder.remat_policy=full
 
+With --finetuning=full,lora,qlora the step is compiled once per fine-tuning
+mode (full; LoRA with the config's settings or rank 64 / alpha 128; QLoRA,
+the same on an NF4 base) and a table compares their trainable parameters,
+per-device params, NF4 base, optimizer state and peak (WORKSPACE.md, "What
+fine-tuning costs").
+
 The mesh needs that many devices: the program re-runs itself in a child
 process with XLA_FLAGS=--xla_force_host_platform_device_count=N and
 JAX_PLATFORMS=cpu (set them yourself to skip the re-run). Nothing is

@@ -224,7 +224,7 @@ def test_merging_a_runs_checkpoint_gives_a_plain_model_with_the_same_logits(tmp_
 def test_qlora_quantises_init_from_and_trains_only_the_adapters(tmp_path):
   """QLoRA (tiny MoE: attention, MLP, router and experts in NF4): init_from a
   float checkpoint fills the NF4 arrays with bitsandbytes' quantisation of
-  its kernels; step 0 is the dequantised base model's loss; two steps move
+  its kernels (as does a checkpoint the converter quantised); step 0 is the dequantised base model's loss; two steps move
   the adapters and the connector, never the codes; Adam state only for what
   trains; without the LLM in init_from the run is refused."""
   from mm1_jax.models import nf4, qlora
@@ -248,6 +248,13 @@ def test_qlora_quantises_init_from_and_trains_only_the_adapters(tmp_path):
   assert query["kernel_nf4_codes"].sharding == abstract["llm"]["blocks"]["layer_0"]["attn"][
       "query"]["kernel_nf4_codes"].sharding
   jax.tree.map(np.testing.assert_array_equal, params["llm"]["embedder"], base["llm"]["embedder"])
+  # Quantised by the converter instead (convert --nf4): loaded as it is, the same arrays.
+  converted, _ = convert.quantize_llm(jax.device_get(base["llm"]), model.llm, ("llm/blocks/*",))
+  checkpoint_lib.save_params(str(tmp_path / "llm_nf4"), {"llm": converted})
+  preconverted, _ = trainer.load_init_from([str(tmp_path / "llm_nf4")], abstract,
+                                           state["params"], model.lora)
+  jax.tree.map(np.testing.assert_array_equal, lora_lib.without_lora(preconverted["llm"]),
+               lora_lib.without_lora(params["llm"]))
   with pytest.raises(ConfigError, match=r"quantises the base weights of \['llm'\] from init_from"):
     trainer.load_init_from([str(tmp_path / "none")] * 0, abstract, state["params"], model.lora)
 
