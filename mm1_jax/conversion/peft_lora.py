@@ -27,9 +27,9 @@ without a permutation (both use the rotate-half RoPE layout), so their
 adapters need none either. Llama, Mistral and Qwen2 share the module names
 (Qwen2's q/k/v biases belong to the base, not to the adapters).
 
-Dense decoders only, both ways (Mixtral's experts are parameters, not
-nn.Linear, in peft, and our router and expert adapters have no peft
-module: refused with a ConversionError).
+Mixtral (MoE): its attention adapters map as Llama's, both ways; the
+router's and the experts' do not (HF Mixtral's experts are parameters, not
+nn.Linear, so peft has no module for them): refused with a ConversionError.
 """
 
 from __future__ import annotations
@@ -132,9 +132,6 @@ def convert_peft_adapters(adapters: Mapping[str, Any], config: DecoderConfig,
   fit, and listing our adapters the source lacks."""
   from mm1_jax.models import lora as lora_lib
 
-  if config.moe.enabled:
-    raise ConversionError("peft adapters of MoE (Mixtral) experts are not mapped yet; "
-                          "only dense Llama-family decoders.")
   expected = lora_lib.lora_params(abstract_lora_decoder_params(config, lora))
   builder = ParamsBuilder(expected)
   rules = _layer_rules(config)
@@ -187,10 +184,6 @@ def export_peft_adapters(params: Mapping[str, Any], config: DecoderConfig,
   ConversionError for adapters peft has no module for (MoE router, experts)."""
   from mm1_jax.models import lora as lora_lib
 
-  if config.moe.enabled:
-    raise ConversionError("peft export of MoE (Mixtral) adapters is not supported: peft's "
-                          "Mixtral experts are parameters, not nn.Linear, and our router and "
-                          "expert adapters have no peft module; export dense decoders only.")
   adapters = lora_lib.lora_params(params)
   per_block = config.layers_per_block
   tensors = {}
@@ -211,6 +204,11 @@ def export_peft_adapters(params: Mapping[str, Any], config: DecoderConfig,
       tensors[f"{_PEFT_PREFIX}lm_head.lora_B.weight"] = to_b(b)
       continue
     within = "/".join(names[2:])
+    if names[0] == "blocks" and within.startswith("moe/"):
+      raise ConversionError(
+          f"{module}: MoE router and expert adapters have no peft module (HF Mixtral's "
+          "experts are parameters, not nn.Linear); target the attention only "
+          "(model.lora.targets=('llm/*/attn/*',)) to export a Mixtral's adapters, or merge.")
     if names[0] != "blocks" or within not in _OUR_MODULES:
       raise ConversionError(f"{module}: an adapted module with no Hugging Face Llama linear "
                             f"(peft exports {sorted(_OUR_MODULES)} of a layer, and lm_head).")

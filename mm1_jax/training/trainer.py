@@ -265,6 +265,9 @@ def load_init_from(paths, abstract_params, init_params, lora: LoraConfig | None 
   quantized = {"/".join(path) for path, _ in qlora.quantized_weights(abstract_params)}
   if quantized and not any(qlora.is_nf4(stored.split("/")) for path in paths
                            for stored in checkpoint_lib.stored_param_shapes(path)):
+    if lora is None or not lora.quantized:
+      raise ValueError("load_init_from: the params hold NF4 weights; pass the model's LoRA "
+                       "config (model.lora, quantize='nf4') to quantise them.")
     return quantized_init_from(paths, abstract_params, init_params, lora, quantized)
   adapters = lora_lib.lora_params(init_params)
   if not adapters:
