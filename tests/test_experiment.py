@@ -34,6 +34,7 @@ INVALID = {
     "model.llm.moe.expert_mlp_dim": 0, "model.llm.moe.balance_loss_weight": -0.01,
     "model.llm.moe.router_z_loss_weight": -0.001,
     "model.lora.rank": -1, "model.lora.alpha": 0.0, "model.lora.dropout": 1.0,
+    "model.lora.block_size": 48,
     "data.batch_size": 0, "data.seq_len": 0, "data.seed": -1, "data.num_epochs": 0,
     "data.max_skip_fraction": 1.5, "data.image_background": (255, 300, 0),
     "optimizer.learning_rate": 0.0, "optimizer.warmup_steps": -1, "optimizer.decay_steps": 0,

@@ -34,3 +34,27 @@ def test_compiled_memory_of_tiny_on_an_fsdp_mesh():
   assert compiled.argument >= report.params_bytes + report.optimizer_bytes
   text = summary.format_train_step_memory(report, device_memory_gib=0.001)
   assert "fsdp=8" in text and "fits 0.001 GiB/device: NO" in text
+
+
+def test_finetuning_modes_compared_on_their_compiled_steps():
+  """--finetuning=full,lora,qlora: LoRA keeps Adam state for the adapters
+  only; QLoRA's params shrink by the NF4 base (0.26x bfloat16); same batch."""
+  config = tiny.get_config("dense")
+  config.model.max_images = 1
+  config.optimizer.freeze = ("encoder",)
+  experiment = Experiment.from_config(config)
+  # Replicated state (data=8): per-device bytes are whole-model bytes.
+  rows = [summary.finetuning_memory(experiment, mode, {"data": 8}, 8, 32)
+          for mode in summary.FINETUNING_MODES]
+  full, lora, qlora = rows
+  assert lora.report.model.lora.rank == summary.DEFAULT_LORA_RANK == qlora.report.model.lora.rank
+  assert qlora.report.model.lora.quantize == "nf4" and full.report.model.lora.rank == 0
+  assert lora.trainable_params == qlora.trainable_params < full.trainable_params
+  assert lora.report.optimizer_bytes == qlora.report.optimizer_bytes < full.report.optimizer_bytes
+  assert qlora.report.params_bytes < lora.report.params_bytes
+  assert full.nf4_params == lora.nf4_params == 0 < qlora.nf4_params
+  assert 0.25 < qlora.nf4_total_bytes / (2 * qlora.nf4_params) < 0.27
+  text = summary.format_finetuning(rows, device_memory_gib=16)
+  assert "qlora: the NF4 base holds" in text and "0.25" in text
+  with pytest.raises(ValueError, match="unknown fine-tuning mode 'dora'"):
+    summary.finetuning_variant(experiment, "dora")

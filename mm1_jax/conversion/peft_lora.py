@@ -189,6 +189,11 @@ def export_peft_adapters(params: Mapping[str, Any], config: DecoderConfig,
   tensors = {}
   for module in lora_lib.adapted_module_paths(adapters):
     names = module.split("/")
+    if "moe" in names:
+      raise ConversionError(
+          f"{module}: MoE router and expert adapters have no peft module (HF Mixtral's "
+          "experts are parameters, not nn.Linear); target the attention only "
+          "(model.lora.targets=('llm/*/attn/*',)) to export a Mixtral's adapters, or merge.")
     node = adapters
     for name in names:
       node = node[name]
@@ -204,11 +209,6 @@ def export_peft_adapters(params: Mapping[str, Any], config: DecoderConfig,
       tensors[f"{_PEFT_PREFIX}lm_head.lora_B.weight"] = to_b(b)
       continue
     within = "/".join(names[2:])
-    if names[0] == "blocks" and within.startswith("moe/"):
-      raise ConversionError(
-          f"{module}: MoE router and expert adapters have no peft module (HF Mixtral's "
-          "experts are parameters, not nn.Linear); target the attention only "
-          "(model.lora.targets=('llm/*/attn/*',)) to export a Mixtral's adapters, or merge.")
     if names[0] != "blocks" or within not in _OUR_MODULES:
       raise ConversionError(f"{module}: an adapted module with no Hugging Face Llama linear "
                             f"(peft exports {sorted(_OUR_MODULES)} of a layer, and lm_head).")
