@@ -166,10 +166,7 @@ def compare_finetuning(config, modes: list[str]) -> None:
     for _ in range(_WARMUP.value):
       state, _ = compiled(state, batch)
     jax.block_until_ready(state)
-    params = train_step.abstract_state["params"]
-    mask = trainer.trainable_mask(variant, params)
-    trainable = sum(int(np.prod(leaf.shape)) for leaf, keep in
-                    zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if keep)
+    trainable = trainer.count_trainable(variant, train_step.abstract_state["params"])
     runs.append({"mode": mode, "compiled": compiled, "state": state, "batch": batch,
                  "compile_s": compile_s, "trainable": trainable, "times": [],
                  "memory": summary.CompiledMemory.from_compiled(compiled), "model": model,

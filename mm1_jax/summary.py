@@ -164,6 +164,7 @@ class TrainStepMemory:
   compile_seconds: float
   model: MM1Config
   grad_accum_steps: int
+  abstract_params: Any = None  # The step's params (ShapeDtypeStructs with shardings).
 
 
 def _per_device_bytes(tree) -> int:
@@ -217,7 +218,7 @@ def train_step_memory(experiment, mesh: dict[str, int], batch_size: int | None =
       optimizer_bytes=_per_device_bytes(state["opt_state"]),
       compiled=CompiledMemory.from_compiled(compiled),
       lower_seconds=lowered_at - start, compile_seconds=done - lowered_at, model=model,
-      grad_accum_steps=train_step.grad_accum_steps)
+      grad_accum_steps=train_step.grad_accum_steps, abstract_params=state["params"])
 
 
 def format_train_step_memory(report: TrainStepMemory, device_memory_gib: float) -> str:
@@ -285,12 +286,8 @@ def finetuning_memory(experiment, mode: str, mesh: dict[str, int], batch_size: i
 
   variant = finetuning_variant(experiment, mode)
   report = train_step_memory(variant, mesh, batch_size, seq_len)
-  train_step, _ = trainer.build(variant.replace(mesh=experiment.mesh.__class__(
-      **{axis: report.mesh.get(axis, 1) for axis in report.mesh})))
-  params = train_step.abstract_state["params"]
-  mask = trainer.trainable_mask(variant, params)
-  trainable = sum(math.prod(leaf.shape) for leaf, keep in
-                  zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if keep)
+  params = report.abstract_params
+  trainable = trainer.count_trainable(variant, params)
   nf4_leaves = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
                 if qlora.is_nf4([str(getattr(k, "key", k)) for k in path])]
   nf4_params = sum(2 * math.prod(leaf.shape) for path, leaf in nf4_leaves

@@ -128,6 +128,13 @@ def trainable_mask(experiment: Experiment, params) -> Any:
   return jax.tree.map(lambda label: label == optimizer_lib.TRAIN, labels)
 
 
+def count_trainable(experiment: Experiment, params) -> int:
+  """Parameters the optimizer trains (trainable_mask), of a concrete or abstract tree."""
+  mask = trainable_mask(experiment, params)
+  return sum(int(np.prod(leaf.shape)) for leaf, keep in
+             zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if keep)
+
+
 def saved_abstract_state(experiment: Experiment, train_step: TrainStep, trainable_only: bool):
   """The abstract train state as checkpoints hold it: whole, or (a LoRA run's)
   with only the trainable params."""
