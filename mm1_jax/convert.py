@@ -1,4 +1,5 @@
-"""Convert pretrained weights into mm1_jax parameter checkpoints, one component each.
+"""Convert pretrained weights into mm1_jax parameter checkpoints, one component each
+(or, for a LLaVA, the whole model).
 
     python -m mm1_jax.convert --source=smollm2 --output=checkpoints/smollm2_135m \
         [--vocab_size=49216]
@@ -7,7 +8,7 @@
     python -m mm1_jax.convert --source=/path/to/hf_model_dir --output=...
 
 --source is a Hugging Face directory (config.json + *.safetensors: Llama,
-Mistral, Qwen2, Mixtral, CLIP, SigLIP, DINOv2), a .gguf file (Llama-family
+Mistral, Qwen2, Mixtral, CLIP, SigLIP, DINOv2, LLaVA), a .gguf file (Llama-family
 LLMs), a .onnx file (a DINOv2 backbone), or a packaged alias (smollm2,
 dinov2_small; see mm1_jax/conversion/packaged.py). The output is an Orbax
 params checkpoint holding {"llm": ...} or {"encoder": ...}; start training
@@ -19,6 +20,15 @@ from it with
 fresh initialisation). The converted component's architecture is written to
 {output}/mm1_component.json, with the config overrides that select it.
 --output may be a gs:// directory; --source must be on this machine.
+
+LLaVA: a LlavaForConditionalGeneration directory (CLIP / SigLIP tower, MLP
+projector, Llama-family LLM; conversion/hf_llava.py) converts whole, as
+component "mm1": the checkpoint holds {"encoder", "connector", "llm"} (the
+projector as the "mlp" connector), and mm1_component.json's overrides set
+model.encoder (feature_layer from vision_feature_layer), model.connector
+(kind mlp, one token per patch), model.llm and model.image_placeholder_id
+(the image token). Train from it with --config.init_from=DIR plus those
+overrides; --vocab_size and --image_size apply to its LLM and encoder.
 
 LoRA: a run trained with model.lora adapters is merged into a plain params
 checkpoint (every adapted kernel W + scale * A B, in float32; no adapters):
@@ -66,8 +76,11 @@ from mm1_jax import cli
 
 COMPONENT_FILE = "mm1_component.json"
 LORA_MERGE_FILE = "mm1_lora_merge.json"
-# Where each component sits in MM1Config / the model's params tree.
-CONFIG_FIELD = {"llm": "model.llm", "encoder": "model.encoder"}
+# Where each component sits in MM1Config / the model's params tree; "mm1" is
+# the whole model (a LLaVA): its params are the tree itself, its config the
+# MM1Config fields it fixes (hf_llava.MM1Parts).
+WHOLE_MODEL = "mm1"
+CONFIG_FIELD = {"llm": "model.llm", "encoder": "model.encoder", WHOLE_MODEL: "model"}
 
 
 def define_flags() -> None:
@@ -161,9 +174,10 @@ def _check_new(output: str) -> None:
 
 
 def write(output: str, component: str, config: Any, params: dict[str, Any], source: str) -> None:
-  """Saves {component: params} to `output` (which must not exist) and the
-  component's description next to it. Leaves become jax arrays one at a
-  time, so at most one converted leaf exists twice."""
+  """Saves {component: params} (for WHOLE_MODEL: params, which hold the
+  components) to `output` (which must not exist) and the component's
+  description next to it. Leaves become jax arrays one at a time, so at most
+  one converted leaf exists twice."""
   import jax.numpy as jnp
 
   from mm1_jax import paths
@@ -175,7 +189,9 @@ def write(output: str, component: str, config: Any, params: dict[str, Any], sour
     for name in list(tree):
       tree[name] = to_jax(tree[name]) if isinstance(tree[name], dict) else jnp.asarray(tree[name])
     return tree
-  checkpoint.save_params(paths.as_path(output), {component: to_jax(params)})
+  tree = to_jax(params)
+  checkpoint.save_params(paths.as_path(output),
+                         tree if component == WHOLE_MODEL else {component: tree})
   paths.write_json(paths.as_path(output) / COMPONENT_FILE,
                    {"component": component, "source": source,
                     "config": dataclasses.asdict(config),
@@ -356,6 +372,8 @@ def main(argv: Sequence[str]) -> None:
     targets = ",".join(f"'{t}'" for t in lora.targets)
     overrides = (f" --config.model.lora.quantize=nf4 --config.model.lora.targets=\"({targets},)\""
                  f" --config.model.lora.block_size={lora.block_size} and a rank > 0")
+  if component == WHOLE_MODEL:
+    overrides = f" and the config_overrides in {FLAGS.output}/{COMPONENT_FILE}"
   write(FLAGS.output, component, config, params, FLAGS.source)
   print(f"Wrote {component} ({count / 1e6:.1f}M parameters) to {FLAGS.output}; train from it "
         f"with --config.init_from={FLAGS.output}{overrides}")

@@ -2,7 +2,9 @@
 
     component, config, params = convert_hf_directory("path/to/Qwen2-0.5B")
     # component "llm": config is a DecoderConfig, params Decoder params;
-    # component "encoder": a VitConfig and VisionTransformer params.
+    # component "encoder": a VitConfig and VisionTransformer params;
+    # component "mm1" (a LLaVA): an hf_llava.MM1Parts and the params
+    # {"encoder", "connector", "llm"} of MM1Model.
 
 A directory is what save_pretrained writes: config.json next to either
 model.safetensors or the shards model-0000i-of-0000n.safetensors listed in
@@ -12,13 +14,16 @@ time (LazyStateDict) and written into preallocated params arrays, so the
 conversion holds the result plus about one source tensor, not the checkpoint.
 
 A full CLIPModel / SiglipModel checkpoint holds a text tower too; only the
-tensors under "vision_model." are read. transformers is optional here: with
-it, config.json is read through AutoConfig (which fills the fields the file
-leaves at their defaults); without it, the file's own fields must suffice.
+tensors under "vision_model." are read. A LLaVA (LlavaForConditionalGeneration)
+converts whole, its three parts at once (hf_llava.py). transformers is
+optional here: with it, config.json is read through AutoConfig (which fills
+the fields the file leaves at their defaults); without it, the file's own
+fields must suffice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -48,7 +53,12 @@ VISION_MODEL_TYPES = {
     "siglip_vision_model": ("siglip", ""),
     "dinov2": ("dinov2", ""),
 }
-SUPPORTED_MODEL_TYPES = LLM_MODEL_TYPES + tuple(VISION_MODEL_TYPES)
+# Whole multimodal models (component "mm1"): vision tower + projector + LLM.
+MULTIMODAL_MODEL_TYPES = ("llava",)
+SUPPORTED_MODEL_TYPES = LLM_MODEL_TYPES + tuple(VISION_MODEL_TYPES) + MULTIMODAL_MODEL_TYPES
+# What each component is, for messages.
+_COMPONENT_KINDS = {"llm": "an LLM", "encoder": "an image encoder",
+                    "mm1": "a whole multimodal model (encoder, connector and LLM)"}
 _VOCAB_TABLES = ("model.embed_tokens.weight", "lm_head.weight")
 
 log = logging.getLogger(__name__)
@@ -185,39 +195,58 @@ def model_type_of(directory: str | os.PathLike) -> str:
     raise ConversionError(
         f"{os.path.join(directory, CONFIG_FILE)}: model_type {model_type!r} is not supported; "
         f"supported: LLMs {', '.join(LLM_MODEL_TYPES)}; image encoders "
-        f"{', '.join(VISION_MODEL_TYPES)}.")
+        f"{', '.join(VISION_MODEL_TYPES)}; multimodal models (encoder + connector + LLM) "
+        f"{', '.join(MULTIMODAL_MODEL_TYPES)}.")
   return model_type
 
 
 def convert_hf_directory(directory: str | os.PathLike, component: str | None = None, *,
                          dtype: Any = np.float32, **config_overrides
-                         ) -> tuple[str, DecoderConfig | VitConfig, dict[str, Any]]:
+                         ) -> tuple[str, Any, dict[str, Any]]:
   """Converts a Hugging Face checkpoint directory; returns (component, config, params).
 
-  component: "llm" or "encoder"; None infers it from config.json's model_type
-    (given, it must agree).
+  component: "llm", "encoder" or "mm1"; None infers it from config.json's
+    model_type (given, it must agree).
   dtype: of the returned numpy arrays (e.g. np.float32, jnp.bfloat16).
   config_overrides: fields of the component's config (DecoderConfig or
     VitConfig) to change, e.g. remat_policy="full"; for an LLM, vocab_size
     larger than the checkpoint's pads the embedding (and an untied lm_head)
     with mean rows; for an encoder, image_size resizes the position grid and
-    feature_layer picks the output block.
+    feature_layer picks the output block. A LLaVA ("mm1") takes the fields of
+    either (hf_llava.convert_llava_directory).
   Raises ConversionError naming what does not fit (model_type, files,
   tensors whose shapes differ from the config).
   """
   directory = os.fspath(directory)
   model_type = model_type_of(directory)
-  inferred = "llm" if model_type in LLM_MODEL_TYPES else "encoder"
+  inferred = ("llm" if model_type in LLM_MODEL_TYPES else
+              "mm1" if model_type in MULTIMODAL_MODEL_TYPES else "encoder")
   if component is not None and component != inferred:
     raise ConversionError(f"{directory}: component={component!r}, but its model_type "
-                          f"{model_type!r} is an {'LLM' if inferred == 'llm' else 'image encoder'}"
-                          f" (component {inferred!r}); leave component unset.")
+                          f"{model_type!r} is {_COMPONENT_KINDS[inferred]} (component "
+                          f"{inferred!r}); leave component unset.")
+  if inferred == "mm1":
+    from mm1_jax.conversion.hf_llava import convert_llava_directory
+    config, params = convert_llava_directory(directory, dtype=dtype, **config_overrides)
+    return inferred, config, params
   hf_config = read_hf_config(directory)
   if inferred == "llm":
     config, params = _convert_llm(directory, hf_config, model_type, dtype, config_overrides)
   else:
     config, params = _convert_encoder(directory, hf_config, model_type, dtype, config_overrides)
   return inferred, config, params
+
+
+@contextlib.contextmanager
+def config_fields(directory: str):
+  """Turns the AttributeError of a field config.json lacks (read without
+  transformers, whose AutoConfig would fill in its default) into a
+  ConversionError saying so."""
+  try:
+    yield
+  except AttributeError as error:
+    raise ConversionError(f"{directory}/{CONFIG_FILE}: {error}; add the field, or install "
+                          "transformers, whose AutoConfig fills in defaults.") from error
 
 
 def _check_overrides(cls: type, overrides: Mapping[str, Any], model_type: str) -> None:
@@ -239,7 +268,7 @@ def _rope_type(hf_config: Any) -> str:
   return "default"
 
 
-def _check_llm_supported(hf_config: Any, model_type: str) -> None:
+def check_llm_supported(hf_config: Any, model_type: str) -> None:
   """Refuses settings Decoder does not implement, which would convert silently wrong."""
   problems = []
   if getattr(hf_config, "hidden_act", "silu") != "silu":
@@ -289,23 +318,26 @@ class _PaddedVocab(Mapping[str, Any]):
     return name in self.state  # Mapping's default would read the tensor.
 
 
+def decoder_params(state: Mapping[str, Any], config: DecoderConfig, dtype: Any,
+                   pad_vocab: bool = False) -> dict[str, Any]:
+  """Decoder params from a state dict with HF Llama-family names, read tensor
+  by tensor into preallocated arrays of `dtype`. pad_vocab: the embedding
+  (and an untied lm_head) has fewer rows than config.vocab_size; the new rows
+  start at the mean row."""
+  from mm1_jax.conversion.hf_llm import abstract_decoder_params, convert_decoder
+  source = _PaddedVocab(state, config.vocab_size) if pad_vocab else state
+  return convert_decoder(source, config, _with_dtype(abstract_decoder_params(config), dtype))
+
+
 def _convert_llm(directory: str, hf_config: Any, model_type: str, dtype: Any,
                  overrides: dict[str, Any]) -> tuple[DecoderConfig, dict[str, Any]]:
-  from mm1_jax.conversion.hf_llm import (abstract_decoder_params, convert_decoder,
-                                         decoder_config_from_hf)
+  from mm1_jax.conversion.hf_llm import decoder_config_from_hf
   _check_overrides(DecoderConfig, overrides, model_type)
-  _check_llm_supported(hf_config, model_type)
-  try:
+  check_llm_supported(hf_config, model_type)
+  with config_fields(directory):
     config = decoder_config_from_hf(hf_config, **overrides)
-  except AttributeError as error:  # A field config.json lacks (no transformers to default it).
-    raise ConversionError(f"{directory}/{CONFIG_FILE}: {error}; add the field, or install "
-                          "transformers, whose AutoConfig fills in defaults.") from error
   with LazyStateDict(directory) as state:
-    source: Mapping[str, Any] = state
-    if "vocab_size" in overrides:
-      source = _PaddedVocab(state, config.vocab_size)
-    expected = _with_dtype(abstract_decoder_params(config), dtype)
-    params = convert_decoder(source, config, expected)
+    params = decoder_params(state, config, dtype, pad_vocab="vocab_size" in overrides)
   return config, params
 
 
@@ -314,11 +346,8 @@ def _convert_encoder(directory: str, hf_config: Any, model_type: str, dtype: Any
   from mm1_jax.conversion.hf_vision import convert_hf_vision, vit_config_from_hf
   vision_type, prefix = VISION_MODEL_TYPES[model_type]
   _check_overrides(VitConfig, overrides, model_type)
-  try:
+  with config_fields(directory):
     config = vit_config_from_hf(hf_config, vision_type, **overrides)
-  except AttributeError as error:
-    raise ConversionError(f"{directory}/{CONFIG_FILE}: {error}; add the field, or install "
-                          "transformers, whose AutoConfig fills in defaults.") from error
   with LazyStateDict(directory, prefix=prefix) as state:
     params = convert_hf_vision(state, config, vision_type, dtype=dtype)
   return config, params
