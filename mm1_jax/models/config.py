@@ -133,6 +133,9 @@ class DecoderConfig:
   moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
   # Queries per attention block (0: all at once); see layers.dot_product_attention.
   attention_query_chunk: int = 0
+  # Causal attention in this many query blocks, each skipping the keys after
+  # it (about half the work at 8; 1: one block). Training passes, "xla" only.
+  attention_causal_blocks: int = 8
   # "xla" (any backend) or "cudnn" (fused flash attention, NVIDIA GPU, bf16).
   attention_implementation: str = "xla"
   remat_policy: str = "none"
@@ -336,6 +339,8 @@ def validate_decoder(config: DecoderConfig, path: str = "llm") -> None:
            f"num_kv_heads {c.num_kv_heads} does not divide num_heads {c.num_heads}.")
   _require(c.resolved_head_dim % 2 == 0, f"{path}.head_dim",
            f"RoPE needs an even head_dim, got {c.resolved_head_dim}.")
+  _require(c.attention_causal_blocks >= 1, f"{path}.attention_causal_blocks",
+           f"must be >= 1 (1 = one block), got {c.attention_causal_blocks}.")
   _validate_layer_stack(c, path)
   moe = c.moe
   if moe.enabled:

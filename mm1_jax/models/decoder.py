@@ -52,7 +52,8 @@ class DecoderLayer(nn.Module):
     h = layers.Attention(num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
                          head_dim=c.resolved_head_dim, qkv_bias=c.qkv_bias,
                          rope_theta=c.rope_theta, query_chunk_size=c.attention_query_chunk,
-                         causal=True, implementation=c.attention_implementation,
+                         causal=True, causal_blocks=c.attention_causal_blocks,
+                         implementation=c.attention_implementation,
                          name="attn", **kw)(h, mask, positions, cache)
     if cache is not None:
       h, cache = h

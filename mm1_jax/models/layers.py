@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mm1_jax.models import qlora
+from mm1_jax.models.dense_product import dense_product
 from mm1_jax.models.config import LoraConfig
 from mm1_jax.sharding import constrain
 
@@ -111,16 +112,18 @@ class DenseGeneral(nn.Module):
         1.0, "fan_in", "truncated_normal", in_axis=tuple(range(num_in)),
         out_axis=tuple(range(num_in, num_in + num_out)))
     param_dtype, dtype = as_dtype(self.param_dtype), as_dtype(self.dtype)
-    contract = ((axis, tuple(range(num_in))), ((), ()))
+    if axis != tuple(range(x.ndim - num_in, x.ndim)):
+      raise ValueError(f"DenseGeneral contracts trailing dims; got axis={self.axis} for an "
+                       f"input of rank {x.ndim}.")
+    product = lambda x, kernel: dense_product(x, kernel, num_in)  # noqa: E731
     if self.lora is not None and self.lora.quantizes(self.path):  # QLoRA: an NF4 base.
       nf4_kernel = qlora.nf4_kernel(self, "kernel", (), in_dims, self.features, self.kernel_axes,
                                     self.lora.config, dtype, self.lora.module_path(self.path))
-      y = nf4_kernel.matmul(lambda x, kernel: jax.lax.dot_general(x, kernel, contract),
-                            x.astype(dtype))
+      y = nf4_kernel.matmul(product, x.astype(dtype))
     else:
       kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
                           in_dims + self.features, param_dtype)
-      y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), contract)
+      y = product(x.astype(dtype), kernel.astype(dtype))
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
           nn.initializers.zeros, self.kernel_axes[num_in:]), self.features, param_dtype)
@@ -133,9 +136,8 @@ class DenseGeneral(nn.Module):
       lora_b = self.param("lora_b", nn.with_logical_partitioning(
           nn.initializers.zeros, (LORA_RANK_AXIS,) + self.kernel_axes[num_in:]),
                           (c.rank,) + self.features, param_dtype)
-      h = jax.lax.dot_general(lora_dropout(self, x, c.dropout).astype(dtype),
-                              lora_a.astype(dtype), contract)  # [..., r]
-      h = jax.lax.dot_general(h, lora_b.astype(dtype), (((h.ndim - 1,), (0,)), ((), ())))
+      h = product(lora_dropout(self, x, c.dropout).astype(dtype), lora_a.astype(dtype))  # [..., r]
+      h = dense_product(h, lora_b.astype(dtype), 1)
       y = y + h * jnp.asarray(c.scale, dtype)
     return y
 
@@ -237,18 +239,50 @@ def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
 
 def _attention_block(query: jax.Array, key: jax.Array, value: jax.Array,
                      mask: jax.Array | None) -> jax.Array:
-  """dot_product_attention of all the given queries at once (same shapes)."""
+  """dot_product_attention of all the given queries at once (same shapes).
+
+  The heads are moved in front of the positions before the two products,
+  a query group's positions merged: [B, KV, groups * T, D] . [B, KV, S, D].
+  Each product is then one plain batched matrix product per kv head.
+  Left to the compiler, XLA's CPU backend instead transposes the [T, S]
+  scores and probabilities, the largest arrays here, around every product
+  (issue 18, RESULTS.md).
+  """
   batch, length, num_heads, head_dim = query.shape
-  num_kv_heads = key.shape[2]
+  num_keys, num_kv_heads = key.shape[1], key.shape[2]
   groups = num_heads // num_kv_heads
-  query = query.reshape(batch, length, num_kv_heads, groups, head_dim)
-  logits = jnp.einsum("btkgd,bskd->bkgts", query, key,
+  query = query.reshape(batch, length, num_kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+  query = query.reshape(batch, num_kv_heads, groups * length, head_dim)
+  key, value = (x.transpose(0, 2, 1, 3) for x in (key, value))  # [B, KV, S, D]
+  logits = jnp.einsum("bkqd,bksd->bkqs", query, key,
                       preferred_element_type=jnp.float32) / np.sqrt(head_dim).astype(np.float32)
+  logits = logits.reshape(batch, num_kv_heads, groups, length, num_keys)
   if mask is not None:
     logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", weights, value)
-  return out.reshape(batch, length, num_heads, head_dim)
+  weights = weights.reshape(batch, num_kv_heads, groups * length, num_keys)
+  out = jnp.einsum("bkqs,bksd->bkqd", weights, value)
+  out = out.reshape(batch, num_kv_heads, groups, length, head_dim)
+  return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads, head_dim)
+
+
+def _causal_blocks(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None,
+                   num_blocks: int) -> jax.Array:
+  """Causal attention cut into num_blocks query blocks, block i attending
+  only to the keys up to its last query: the keys after it are masked for
+  every query of the block, so their scores need not exist. About
+  (num_blocks + 1) / (2 num_blocks) of the full [T, S] work; each query row
+  still sees all the keys it may in one softmax, so the result is the same.
+  """
+  length = query.shape[1]
+  block = -(-length // num_blocks)
+  outputs = []
+  for start in range(0, length, block):
+    stop = min(start + block, length)
+    block_mask = None if mask is None else mask[:, :, start:stop, :stop]
+    outputs.append(_attention_block(query[:, start:stop], key[:, :stop], value[:, :stop],
+                                    block_mask))
+  return jnp.concatenate(outputs, axis=1)
 
 
 def _split_queries(x: jax.Array, axis: int, chunk: int, pad_value) -> jax.Array:
@@ -264,12 +298,17 @@ def _split_queries(x: jax.Array, axis: int, chunk: int, pad_value) -> jax.Array:
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
-                          mask: jax.Array | None, query_chunk_size: int = 0) -> jax.Array:
+                          mask: jax.Array | None, query_chunk_size: int = 0,
+                          causal_blocks: int = 1) -> jax.Array:
   """Grouped-query attention; softmax in float32.
 
   query: [B, T, H, D]; key, value: [B, S, KV, D] with H % KV == 0;
   mask: bool broadcastable to [B, 1, T, S] (True = attend) or None.
   Returns [B, T, H, D].
+
+  causal_blocks > 1 says the mask is causal with S == T (a decoder's
+  training pass): the queries are cut into that many blocks and each skips
+  the keys after its last query (_causal_blocks), about half the work.
 
   query_chunk_size > 0 (and < T) computes the queries block by block, each
   block rematerialised in the backward pass: the [T, S] score matrices, the
@@ -279,6 +318,11 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   """
   length = query.shape[1]
   if not query_chunk_size or query_chunk_size >= length:
+    if causal_blocks > 1 and length > 1:
+      if key.shape[1] != length:
+        raise ValueError(f"causal_blocks needs as many keys as queries, got {key.shape[1]} "
+                         f"keys for {length} queries.")
+      return _causal_blocks(query, key, value, mask, min(causal_blocks, length))
     return _attention_block(query, key, value, mask)
   query_blocks = _split_queries(query, 1, query_chunk_size, 0)  # [n, B, c, H, D]
   if mask is None:
@@ -396,6 +440,8 @@ class Attention(nn.Module):
   rope_theta: float | None = None
   query_chunk_size: int = 0  # See dot_product_attention.
   causal: bool = False
+  # With causal: query blocks of the training pass (see dot_product_attention).
+  causal_blocks: int = 1
   implementation: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -426,7 +472,9 @@ class Attention(nn.Module):
     if self.implementation == "cudnn" and cache is None:
       out = fused_attention(query, key, value, mask, self.causal)
     else:
-      out = dot_product_attention(query, key, value, mask, self.query_chunk_size)
+      # Decoding (a cache) attends over cache slots, not a square causal mask.
+      causal_blocks = self.causal_blocks if self.causal and cache is None else 1
+      out = dot_product_attention(query, key, value, mask, self.query_chunk_size, causal_blocks)
     out = dense(width, ("heads", "head_dim", "embed"), name="out", axis=(-2, -1),
                 use_bias=self.out_bias, **kw)(out)
     return out if cache is None else (out, cache)
