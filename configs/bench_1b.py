@@ -15,6 +15,10 @@ matmul outputs kept, the rest rematerialised (remat "dots"): 41% MFU and
 baseline) nothing is rematerialised and attention is XLA's; that does not
 fit 80 GB at 8 x 4096 (the [T, S] scores of every layer are kept).
 
+`moe`: the LLM's FFN becomes 8 experts of 4096, top-2, in every layer (a
+MoE with the dense model's ~1B active parameters per token; dropless
+dispatch): `configs/bench_1b.py:gpu,moe`.
+
 MFU is then taken against the device's vendor bf16 peak
 (mm1_jax/training/metrics.py PEAK_TFLOPS). It does not fit a CPU run in
 reasonable time (one step is ~90 TFLOP at batch 8).
@@ -24,7 +28,7 @@ from mm1_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, gpu=False)
+  arg = config_lib.parse_arg(arg, gpu=False, moe=False)
   config = config_lib.base_config()
   model = config.model
   model.update(dtype="bfloat16", param_dtype="float32", max_images=4)
@@ -36,6 +40,9 @@ def get_config(arg=None):
   config.data.update(mixture="mm1_pretrain", batch_size=8, seq_len=4096, pack=True)
   config.mesh.update(data=-1, fsdp=1)
   config.optimizer.update(warmup_steps=100)  # Benchmarks run tens of steps, not 2000.
+  if arg.moe:
+    model.llm.moe.update(num_experts=8, num_experts_per_token=2, moe_every=1,
+                         expert_mlp_dim=4096)
   if arg.gpu:
     model.encoder.attention_implementation = "cudnn"
     model.llm.update(attention_implementation="cudnn", remat_policy="dots")

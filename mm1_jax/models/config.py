@@ -63,6 +63,9 @@ class VitConfig:
   # "xla" (any backend) or "cudnn" (fused flash attention, NVIDIA GPU, bf16).
   attention_implementation: str = "xla"
   remat_policy: str = "none"
+  # Scanned blocks per loop iteration (lax.scan's unroll); >= the depth: no
+  # loop. The parameters stay stacked either way (same checkpoints).
+  scan_unroll: int = 1
 
   @property
   def grid_size(self) -> int:
@@ -139,6 +142,9 @@ class DecoderConfig:
   # "xla" (any backend) or "cudnn" (fused flash attention, NVIDIA GPU, bf16).
   attention_implementation: str = "xla"
   remat_policy: str = "none"
+  # Scanned blocks per loop iteration (lax.scan's unroll); >= the depth: no
+  # loop. The parameters stay stacked either way (same checkpoints).
+  scan_unroll: int = 1
 
   @property
   def resolved_head_dim(self) -> int:
@@ -265,6 +271,8 @@ def _validate_layer_stack(c: VitConfig | DecoderConfig, path: str) -> None:
   """The settings a ViT and a decoder share: remat and attention."""
   _require(c.remat_policy in REMAT_POLICIES, f"{path}.remat_policy",
            f"unknown remat policy {c.remat_policy!r}; use one of {REMAT_POLICIES}.")
+  _require(c.scan_unroll >= 1, f"{path}.scan_unroll",
+           f"must be >= 1 (1 = a loop over the blocks), got {c.scan_unroll}.")
   _require(c.attention_query_chunk >= 0, f"{path}.attention_query_chunk",
            f"must be >= 0 (0 = unchunked), got {c.attention_query_chunk}.")
   _require(c.attention_implementation in ATTENTION_IMPLEMENTATIONS,

@@ -155,7 +155,8 @@ class Decoder(nn.Module):
     scanned = nn.scan(block, variable_axes={"params": 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
-                      length=c.num_blocks, metadata_params={nn.PARTITION_NAME: "layers"})
+                      length=c.num_blocks, unroll=min(c.scan_unroll, c.num_blocks),
+                      metadata_params={nn.PARTITION_NAME: "layers"})
     self.blocks = scanned(c, lora=lora, **kw)
     self.final_norm = layers.RMSNorm(c.norm_eps, self.param_dtype)
     if not c.tie_embeddings:

@@ -251,6 +251,8 @@ def _attention_block(query: jax.Array, key: jax.Array, value: jax.Array,
   batch, length, num_heads, head_dim = query.shape
   num_keys, num_kv_heads = key.shape[1], key.shape[2]
   groups = num_heads // num_kv_heads
+  if length == 1:  # A decode step: moving the whole cache's heads would cost more.
+    return _decode_attention_block(query, key, value, mask)
   query = query.reshape(batch, length, num_kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
   query = query.reshape(batch, num_kv_heads, groups * length, head_dim)
   key, value = (x.transpose(0, 2, 1, 3) for x in (key, value))  # [B, KV, S, D]
@@ -264,6 +266,21 @@ def _attention_block(query: jax.Array, key: jax.Array, value: jax.Array,
   out = jnp.einsum("bkqs,bksd->bkqd", weights, value)
   out = out.reshape(batch, num_kv_heads, groups, length, head_dim)
   return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads, head_dim)
+
+
+def _decode_attention_block(query: jax.Array, key: jax.Array, value: jax.Array,
+                            mask: jax.Array | None) -> jax.Array:
+  """_attention_block for one query per row, over the cache in its own layout."""
+  batch, length, num_heads, head_dim = query.shape
+  num_kv_heads = key.shape[2]
+  query = query.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+  logits = jnp.einsum("btkgd,bskd->bkgts", query, key,
+                      preferred_element_type=jnp.float32) / np.sqrt(head_dim).astype(np.float32)
+  if mask is not None:
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", weights, value)
+  return out.reshape(batch, length, num_heads, head_dim)
 
 
 def _causal_blocks(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None,

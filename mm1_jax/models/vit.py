@@ -196,6 +196,7 @@ class VisionTransformer(nn.Module):
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},  # Each block its own LoRA dropout.
         length=c.num_layers_built,
+        unroll=min(c.scan_unroll, c.num_layers_built),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(c, dtype=dtype, param_dtype=param_dtype, lora=lora, name="blocks")
     x, _ = stack(x)

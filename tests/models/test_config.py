@@ -36,6 +36,8 @@ def model_dict(**changes):
     ({"llm.remat_policy": "some"}, r"llm.remat_policy: unknown remat policy 'some'"),
     ({"encoder.attention_implementation": "flash"},
      r"encoder.attention_implementation: unknown attention implementation 'flash'"),
+    ({"llm.attention_causal_blocks": 0}, r"llm.attention_causal_blocks: must be >= 1 .* got 0"),
+    ({"encoder.scan_unroll": 0}, r"encoder.scan_unroll: must be >= 1 .* got 0"),
 ])
 def test_bad_values_name_the_field(changes, message):
   with pytest.raises(ConfigError, match=message):

@@ -48,3 +48,23 @@ def test_remat_policies_give_the_same_gradients():
   for policy in ("full", "dots"):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  grads(policy), reference)
+
+
+def test_unrolled_stack_is_the_same_model():
+  """scan_unroll changes the program, not the parameters (same stacked tree,
+  same checkpoints) nor the outputs and gradients."""
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, LLM.vocab_size, (2, 12)))
+  base = dataclasses.replace(LLM, depth=4)  # Two scanned blocks of two layers (MoE).
+  params = jax.jit(lambda: nn.unbox(Decoder(base).init(jax.random.key(0), tokens)))()
+
+  def value_and_grads(unroll):
+    model = Decoder(dataclasses.replace(base, scan_unroll=unroll))
+    loss = lambda p: jnp.mean(model.apply(p, tokens)[0] ** 2)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  reference = value_and_grads(1)
+  unrolled_params = jax.eval_shape(
+      Decoder(dataclasses.replace(base, scan_unroll=2)).init, jax.random.key(0), tokens)
+  assert jax.tree.structure(nn.unbox(unrolled_params)) == jax.tree.structure(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               value_and_grads(2), reference)
