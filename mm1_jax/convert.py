@@ -146,9 +146,9 @@ def convert(source: str, fmt: str = "auto", vocab_size: int | None = None,
     from mm1_jax.conversion import onnx_vit
     config, params = onnx_vit.convert_onnx_dinov2(source, **vision)
     return "encoder", config, params
-  from mm1_jax.conversion import safetensors_dir
+  from mm1_jax.conversion import hf_directory
   overrides = dict(vision, **({"vocab_size": vocab_size} if vocab_size is not None else {}))
-  return safetensors_dir.convert_hf_directory(source, **overrides)
+  return hf_directory.convert_hf_directory(source, **overrides)
 
 
 def config_overrides(component: str, config: Any) -> list[str]:

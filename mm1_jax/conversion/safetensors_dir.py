@@ -1,10 +1,9 @@
-"""Hugging Face checkpoint directories (config.json + safetensors) -> mm1_jax params.
+"""Hugging Face checkpoint directories (config.json + safetensors): reading them,
+and converting one component (an LLM, an image encoder) to mm1_jax params.
 
-    component, config, params = convert_hf_directory("path/to/Qwen2-0.5B")
-    # component "llm": config is a DecoderConfig, params Decoder params;
-    # component "encoder": a VitConfig and VisionTransformer params;
-    # component "mm1" (a LLaVA): an hf_llava.MM1Parts and the params
-    # {"encoder", "connector", "llm"} of MM1Model.
+Whole directories convert through hf_directory.convert_hf_directory, which
+dispatches on model_type to this module (LLMs, vision towers) or hf_llava
+(LLaVA, whose reading builds on this module).
 
 A directory is what save_pretrained writes: config.json next to either
 model.safetensors or the shards model-0000i-of-0000n.safetensors listed in
@@ -14,8 +13,7 @@ time (LazyStateDict) and written into preallocated params arrays, so the
 conversion holds the result plus about one source tensor, not the checkpoint.
 
 A full CLIPModel / SiglipModel checkpoint holds a text tower too; only the
-tensors under "vision_model." are read. A LLaVA (LlavaForConditionalGeneration)
-converts whole, its three parts at once (hf_llava.py). transformers is
+tensors under "vision_model." are read. transformers is
 optional here: with it, config.json is read through AutoConfig (which fills
 the fields the file leaves at their defaults); without it, the file's own
 fields must suffice.
@@ -57,7 +55,7 @@ VISION_MODEL_TYPES = {
 MULTIMODAL_MODEL_TYPES = ("llava",)
 SUPPORTED_MODEL_TYPES = LLM_MODEL_TYPES + tuple(VISION_MODEL_TYPES) + MULTIMODAL_MODEL_TYPES
 # What each component is, for messages.
-_COMPONENT_KINDS = {"llm": "an LLM", "encoder": "an image encoder",
+COMPONENT_KINDS = {"llm": "an LLM", "encoder": "an image encoder",
                     "mm1": "a whole multimodal model (encoder, connector and LLM)"}
 _VOCAB_TABLES = ("model.embed_tokens.weight", "lm_head.weight")
 
@@ -200,43 +198,6 @@ def model_type_of(directory: str | os.PathLike) -> str:
   return model_type
 
 
-def convert_hf_directory(directory: str | os.PathLike, component: str | None = None, *,
-                         dtype: Any = np.float32, **config_overrides
-                         ) -> tuple[str, Any, dict[str, Any]]:
-  """Converts a Hugging Face checkpoint directory; returns (component, config, params).
-
-  component: "llm", "encoder" or "mm1"; None infers it from config.json's
-    model_type (given, it must agree).
-  dtype: of the returned numpy arrays (e.g. np.float32, jnp.bfloat16).
-  config_overrides: fields of the component's config (DecoderConfig or
-    VitConfig) to change, e.g. remat_policy="full"; for an LLM, vocab_size
-    larger than the checkpoint's pads the embedding (and an untied lm_head)
-    with mean rows; for an encoder, image_size resizes the position grid and
-    feature_layer picks the output block. A LLaVA ("mm1") takes the fields of
-    either (hf_llava.convert_llava_directory).
-  Raises ConversionError naming what does not fit (model_type, files,
-  tensors whose shapes differ from the config).
-  """
-  directory = os.fspath(directory)
-  model_type = model_type_of(directory)
-  inferred = ("llm" if model_type in LLM_MODEL_TYPES else
-              "mm1" if model_type in MULTIMODAL_MODEL_TYPES else "encoder")
-  if component is not None and component != inferred:
-    raise ConversionError(f"{directory}: component={component!r}, but its model_type "
-                          f"{model_type!r} is {_COMPONENT_KINDS[inferred]} (component "
-                          f"{inferred!r}); leave component unset.")
-  if inferred == "mm1":
-    from mm1_jax.conversion.hf_llava import convert_llava_directory
-    config, params = convert_llava_directory(directory, dtype=dtype, **config_overrides)
-    return inferred, config, params
-  hf_config = read_hf_config(directory)
-  if inferred == "llm":
-    config, params = _convert_llm(directory, hf_config, model_type, dtype, config_overrides)
-  else:
-    config, params = _convert_encoder(directory, hf_config, model_type, dtype, config_overrides)
-  return inferred, config, params
-
-
 @contextlib.contextmanager
 def config_fields(directory: str):
   """Turns the AttributeError of a field config.json lacks (read without
@@ -329,7 +290,7 @@ def decoder_params(state: Mapping[str, Any], config: DecoderConfig, dtype: Any,
   return convert_decoder(source, config, _with_dtype(abstract_decoder_params(config), dtype))
 
 
-def _convert_llm(directory: str, hf_config: Any, model_type: str, dtype: Any,
+def convert_llm(directory: str, hf_config: Any, model_type: str, dtype: Any,
                  overrides: dict[str, Any]) -> tuple[DecoderConfig, dict[str, Any]]:
   from mm1_jax.conversion.hf_llm import decoder_config_from_hf
   _check_overrides(DecoderConfig, overrides, model_type)
@@ -341,7 +302,7 @@ def _convert_llm(directory: str, hf_config: Any, model_type: str, dtype: Any,
   return config, params
 
 
-def _convert_encoder(directory: str, hf_config: Any, model_type: str, dtype: Any,
+def convert_encoder(directory: str, hf_config: Any, model_type: str, dtype: Any,
                      overrides: dict[str, Any]) -> tuple[VitConfig, dict[str, Any]]:
   from mm1_jax.conversion.hf_vision import convert_hf_vision, vit_config_from_hf
   vision_type, prefix = VISION_MODEL_TYPES[model_type]

@@ -18,7 +18,7 @@ from ml_collections import config_flags
 from mm1_jax import config_lib, convert
 from mm1_jax.conversion.hf_llava import feature_layer_from_hf
 from mm1_jax.conversion.params_builder import ConversionError
-from mm1_jax.conversion.safetensors_dir import convert_hf_directory
+from mm1_jax.conversion.hf_directory import convert_hf_directory
 from mm1_jax.models.config import ConnectorConfig
 from mm1_jax.models.multimodal import MM1Model
 from mm1_jax.training import trainer

@@ -18,9 +18,10 @@ import safetensors.numpy
 import torch
 import transformers
 
+from mm1_jax.conversion.hf_directory import convert_hf_directory
 from mm1_jax.conversion.hf_vision import convert_hf_vision, vit_config_from_hf
 from mm1_jax.conversion.params_builder import ConversionError
-from mm1_jax.conversion.safetensors_dir import (INDEX_FILE, LazyStateDict, convert_hf_directory,
+from mm1_jax.conversion.safetensors_dir import (INDEX_FILE, LazyStateDict,
                                                 read_hf_config)
 from mm1_jax.models.decoder import Decoder
 from mm1_jax.models.vit import VisionTransformer
