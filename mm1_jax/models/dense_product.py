@@ -10,9 +10,10 @@ free). On CPU, XLA's GEMM kernels want the weight gradient's contraction
 row-major product; left to itself, XLA transposes dy inside the
 elementwise fusion that produces it (e.g. SwiGLU's backward), a strided
 loop that cost more than the matmuls around it (issue 18, RESULTS.md).
-Here x, the smaller operand and already in memory from the forward, is
-transposed by a standalone tiled copy that an optimization barrier keeps
-out of any fusion, and dW = x^T dy is a row-major GEMM.
+Here x, already in memory from the forward (and for the lm_head the
+smaller operand by far), is transposed by a standalone tiled copy that
+optimization barriers keep out of any fusion, and dW = x^T dy is a
+row-major GEMM.
 """
 
 from __future__ import annotations
