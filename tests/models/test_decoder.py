@@ -9,6 +9,7 @@ import numpy as np
 
 from configs import tiny
 from mm1_jax import config_lib
+from mm1_jax.models.config import MoeConfig
 from mm1_jax.models.decoder import Decoder
 
 LLM = config_lib.mm1_config(tiny.get_config()).llm  # MoE every 2nd layer.
@@ -54,7 +55,7 @@ def test_unrolled_stack_is_the_same_model():
   """scan_unroll changes the program, not the parameters (same stacked tree,
   same checkpoints) nor the outputs and gradients."""
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, LLM.vocab_size, (2, 12)))
-  base = dataclasses.replace(LLM, depth=4)  # Two scanned blocks of two layers (MoE).
+  base = dataclasses.replace(LLM, depth=2, moe=MoeConfig())  # Two dense blocks.
   params = jax.jit(lambda: nn.unbox(Decoder(base).init(jax.random.key(0), tokens)))()
 
   def value_and_grads(unroll):
