@@ -293,6 +293,8 @@ def _causal_blocks(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax
   """
   length = query.shape[1]
   block = -(-length // num_blocks)
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, mask.shape[:2] + (length, length))
   outputs = []
   for start in range(0, length, block):
     stop = min(start + block, length)
@@ -326,6 +328,7 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   causal_blocks > 1 says the mask is causal with S == T (a decoder's
   training pass): the queries are cut into that many blocks and each skips
   the keys after its last query (_causal_blocks), about half the work.
+  A query_chunk_size below T takes precedence (its blocks see every key).
 
   query_chunk_size > 0 (and < T) computes the queries block by block, each
   block rematerialised in the backward pass: the [T, S] score matrices, the
