@@ -237,6 +237,14 @@ def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
   return (same_segment & causal)[:, None]
 
 
+def _attention_weights(logits: jax.Array, mask: jax.Array | None, dtype) -> jax.Array:
+  """Softmax over the keys of float32 logits [B, KV, groups, T, S], masked
+  positions excluded; mask broadcastable to [B, 1, T, S]. Returns `dtype`."""
+  if mask is not None:
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits, axis=-1).astype(dtype)
+
+
 def _attention_block(query: jax.Array, key: jax.Array, value: jax.Array,
                      mask: jax.Array | None) -> jax.Array:
   """dot_product_attention of all the given queries at once (same shapes).
@@ -258,10 +266,8 @@ def _attention_block(query: jax.Array, key: jax.Array, value: jax.Array,
   key, value = (x.transpose(0, 2, 1, 3) for x in (key, value))  # [B, KV, S, D]
   logits = jnp.einsum("bkqd,bksd->bkqs", query, key,
                       preferred_element_type=jnp.float32) / np.sqrt(head_dim).astype(np.float32)
-  logits = logits.reshape(batch, num_kv_heads, groups, length, num_keys)
-  if mask is not None:
-    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+  weights = _attention_weights(logits.reshape(batch, num_kv_heads, groups, length, num_keys),
+                               mask, value.dtype)
   weights = weights.reshape(batch, num_kv_heads, groups * length, num_keys)
   out = jnp.einsum("bkqs,bksd->bkqd", weights, value)
   out = out.reshape(batch, num_kv_heads, groups, length, head_dim)
@@ -276,9 +282,7 @@ def _decode_attention_block(query: jax.Array, key: jax.Array, value: jax.Array,
   query = query.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
   logits = jnp.einsum("btkgd,bskd->bkgts", query, key,
                       preferred_element_type=jnp.float32) / np.sqrt(head_dim).astype(np.float32)
-  if mask is not None:
-    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+  weights = _attention_weights(logits, mask, value.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", weights, value)
   return out.reshape(batch, length, num_heads, head_dim)
 
