@@ -88,7 +88,7 @@ class ChatSession:
   turn number, so turns differ).
 
   State: system (str, "" = none), turns (user / assistant Turns, in order),
-  images (uint8 [S, S, 3] each, in the order of their markers in turns),
+  images (generate.PromptImage each, in the order of their markers in turns),
   pending (images for the next user message), last_prompt (the laid-out
   tokens of the last ask, int32 [n]).
   """
@@ -104,8 +104,8 @@ class ChatSession:
     self.restart_hint = RESET_HINT  # The fix named by a too long / too full conversation.
     self.system = ""
     self.turns: list[Turn] = []
-    self.images: list[np.ndarray] = []
-    self.pending: list[np.ndarray] = []
+    self.images: list[generate.PromptImage] = []
+    self.pending: list[generate.PromptImage] = []
     self.last_prompt: np.ndarray | None = None
     self._asked = 0
 
@@ -131,7 +131,7 @@ class ChatSession:
                                         pad_id=vocabulary.pad_id)
     decode_config.validate(model_config.llm.vocab_size)
     images = generate.read_images(image_paths, model_config, data_config)
-    check_image_count(len(images), model_config.max_images,
+    check_image_count(_num_slots(images), model_config.max_images,
                       fix=f"pass at most {model_config.max_images} --image files")
     params, model_config, mesh = generate.restore_params(experiment, workdir)
     decoder = generate.PromptDecoder(params, model_config, mesh, decode_config)
@@ -159,21 +159,22 @@ class ChatSession:
     """Reads an image (as the pipeline decodes it) for the next user message."""
     self.pending += self._read_images([path])
 
-  def _read_images(self, paths: Sequence[str]) -> list[np.ndarray]:
-    """uint8 [S, S, 3] per path, refused when the conversation could not hold them."""
-    images = list(generate.read_images(paths, self.model_config, self.data_config))
-    check_image_count(len(self.images) + len(self.pending) + len(images),
+  def _read_images(self, paths: Sequence[str]) -> list[generate.PromptImage]:
+    """One PromptImage per path, refused when the conversation could not hold them."""
+    images = generate.read_images(paths, self.model_config, self.data_config)
+    check_image_count(_num_slots(self.images + self.pending + images),
                       self.model_config.max_images, self.restart_hint)
     return images
 
-  def prompt_tokens(self, turns: Sequence[Turn], images: Sequence[np.ndarray]) -> np.ndarray:
+  def prompt_tokens(self, turns: Sequence[Turn], images: Sequence[generate.PromptImage]
+                    ) -> np.ndarray:
     """int32 [n]: `turns` rendered with the generation prompt, laid out as training inputs.
 
-    images: uint8 [S, S, 3] per <image> marker of the turns, in order.
+    images: one PromptImage per <image> marker of the turns, in order.
     """
     ids = self.template.render(turns, add_generation_prompt=True).tokens
-    return generate.layout_prompt(ids, _stack(images, self.model_config), self.model_config,
-                                  self.data_config, self.vocabulary)
+    return generate.layout_prompt(ids, images, self.model_config, self.data_config,
+                                  self.vocabulary)
 
   def ask(self, text: str, image_paths: Sequence[str] = ()) -> str:
     """The model's answer to a user message; both join the history.
@@ -198,7 +199,7 @@ class ChatSession:
     check_length(len(tokens), self.max_new_tokens, self.data_config.seq_len, self.restart_hint)
     self.last_prompt = tokens
     rng = jax.random.fold_in(jax.random.key(self.seed), self._asked)
-    generated = self.decoder(tokens, _stack(images, self.model_config), rng)
+    generated = self.decoder(tokens, generate.stack_images(images, self.model_config)[0], rng)
     answer = self.answer_text(generated)
     self.turns += [user, Turn(ASSISTANT, answer)]
     self.images, self.pending = images, []
@@ -212,14 +213,14 @@ class ChatSession:
     return text.removeprefix(self.template.answer_prefix).strip()
 
 
-def _stack(images: Sequence[np.ndarray], model_config) -> np.ndarray:
-  """uint8 [k, S, S, 3] (k may be 0)."""
-  size = model_config.encoder.image_size
-  return np.stack(images) if len(images) else np.zeros((0, size, size, 3), np.uint8)
+def _num_slots(images: Sequence[generate.PromptImage]) -> int:
+  """Image slots the images take (their sub-images with data.image_split)."""
+  return sum(len(image.slots) for image in images)
 
 
 def check_image_count(count: int, max_images: int, fix: str = RESET_HINT) -> None:
-  """ChatInputError when a conversation would hold more images than the model takes."""
+  """ChatInputError when a conversation would hold more images than the model takes
+  (count: image slots, i.e. sub-images with data.image_split)."""
   if count > max_images:
     raise ChatInputError(f"the conversation would hold {count} images but the model takes at "
                          f"most model.max_images={max_images}; {fix} (or attach fewer "

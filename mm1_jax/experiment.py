@@ -20,6 +20,7 @@ import os
 from typing import Any, Callable, Mapping
 
 from mm1_jax import paths
+from mm1_jax.data import config as data_config
 from mm1_jax.data.config import InputConfig
 from mm1_jax.data.config import validate as validate_input
 from mm1_jax.models.config import MM1Config
@@ -235,6 +236,17 @@ def _check_batch_fits_mesh(e: Experiment, num_devices: int) -> None:
         f"{batch_parallel * accum}, or change the mesh.")
 
 
+def _check_image_split_fits(e: Experiment) -> None:
+  """One image's sub-images (data.image_split) fit in model.max_images."""
+  slots = data_config.slots_per_image(e.data)
+  if slots > e.model.max_images:
+    raise ConfigError(
+        f"model.max_images: {e.model.max_images}, but data.image_split={e.data.image_split!r} "
+        f"with image_grids={e.data.image_grids!r} puts up to {slots} sub-images (crops + "
+        f"overview) in each image's place; set model.max_images >= {slots} (x the images per "
+        "example), or use a smaller grid.")
+
+
 def _check_workdir(workdir: str) -> None:
   """A local workdir must be a directory or creatable as one."""
   if paths.is_remote(workdir):
@@ -277,14 +289,15 @@ def validate(e: Experiment, *, workdir: str | None = None, num_devices: int | No
     raise ConfigError(f"optimizer.decay_steps: {o.decay_steps} is beyond train.num_steps="
                       f"{t.num_steps}; the cosine would be cut off. Use <= num_steps, or "
                       "unset it (= num_steps).")
+  _check_image_split_fits(e)
   has_images = mixture_has_images or _bundled_mixture_has_images
   if has_images(e.data.mixture, e.data.vocabulary):
-    image_run = e.model.num_image_tokens + 2 * int(e.data.image_start_end)
-    if e.data.seq_len < image_run + 2:
+    image_tokens = data_config.tokens_per_image(e.data, e.model.num_image_tokens)
+    if e.data.seq_len < image_tokens + 2:
       raise ConfigError(
-          f"data.seq_len: {e.data.seq_len} cannot hold one image ({image_run} tokens) and "
+          f"data.seq_len: {e.data.seq_len} cannot hold one image ({image_tokens} tokens) and "
           f"any text; the mixture {e.data.mixture!r} has images. Use seq_len >= "
-          f"{image_run + 2} (much more for real text).")
+          f"{image_tokens + 2} (much more for real text).")
   if num_devices is None:
     import jax
     num_devices = jax.device_count()

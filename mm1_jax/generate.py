@@ -87,34 +87,64 @@ def restore_params(experiment, workdir: str):
   return params, model_config, mesh
 
 
-def read_images(paths: Sequence[str], model_config, data_config) -> np.ndarray:
-  """Decodes and resizes image files as the data pipeline does.
+@dataclasses.dataclass(frozen=True)
+class PromptImage:
+  """One image as the model takes it.
 
-  Returns uint8 [k, S, S, 3]. Raises GenerateInputError naming a file that
-  is missing or cannot be decoded.
+  slots: uint8 [n, S, S, 3]: the resized image (n = 1), or with
+  data.image_split its crops and overview in sequence order. layout: its
+  (rows, cols) of crops ((1, 1) when not split).
+  """
+  slots: np.ndarray
+  layout: tuple[int, int] = (1, 1)
+
+
+def stack_images(images: Sequence[PromptImage], model_config) -> tuple[np.ndarray, np.ndarray]:
+  """(slots uint8 [n, S, S, 3]: every image's slots in order (n may be 0),
+  layouts int32 [k, 2])."""
+  size = model_config.encoder.image_size
+  slots = (np.concatenate([image.slots for image in images]) if images else
+           np.zeros((0, size, size, 3), np.uint8))
+  return slots, np.array([image.layout for image in images], np.int32).reshape(-1, 2)
+
+
+def read_images(paths: Sequence[str], model_config, data_config) -> list[PromptImage]:
+  """Decodes and resizes (or splits, data.image_split) image files as the
+  data pipeline does; one PromptImage per path.
+
+  Raises GenerateInputError naming a file that is missing or cannot be decoded.
   """
   import tensorflow as tf
 
   from mm1_jax import paths as workdir_paths
+  from mm1_jax.data import image_split
   from mm1_jax.data import images as image_ops
+  from mm1_jax.data.config import SplitScheme
 
-  size = model_config.encoder.image_size
+  size, scheme = model_config.encoder.image_size, SplitScheme.from_config(data_config)
   decoded = []
   for path in paths:
     # Images may live next to the run, in its gs:// bucket.
     file = workdir_paths.as_path(path)
     if not file.is_file():
       raise GenerateInputError(f"image file not found: {path}")
-    encoded = file.read_bytes()
+    encoded = tf.constant([file.read_bytes()])
     try:
-      image = image_ops.decode_and_resize(tf.constant([encoded]), size, data_config.image_policy,
-                                          pad_color=model_config.encoder.image_mean,
-                                          background=data_config.image_background)
+      if scheme is None:
+        slots = image_ops.decode_and_resize(encoded, size, data_config.image_policy,
+                                            pad_color=model_config.encoder.image_mean,
+                                            background=data_config.image_background)
+        layout = (1, 1)
+      else:
+        slots, layouts = image_split.decode_and_split(
+            encoded, size, data_config.image_policy, scheme,
+            pad_color=model_config.encoder.image_mean, background=data_config.image_background)
+        layout = tuple(int(v) for v in layouts.numpy()[0])
     except tf.errors.OpError as error:
       raise GenerateInputError(f"cannot decode image {path} (PNG, JPEG, GIF, BMP or WebP "
                                f"expected): {error.message.splitlines()[0]}") from None
-    decoded.append(image.numpy()[0])
-  return np.stack(decoded) if decoded else np.zeros((0, size, size, 3), np.uint8)
+    decoded.append(PromptImage(slots.numpy(), layout))
+  return decoded
 
 
 def load_vocabulary(data_config) -> seqio.Vocabulary:
@@ -123,19 +153,20 @@ def load_vocabulary(data_config) -> seqio.Vocabulary:
   return tokenizer.get_vocabulary(data_config.vocabulary or None)
 
 
-def layout_prompt(ids: np.ndarray, images: np.ndarray, model_config, data_config, vocabulary
-                  ) -> np.ndarray:
+def layout_prompt(ids: np.ndarray, images: Sequence[PromptImage], model_config, data_config,
+                  vocabulary) -> np.ndarray:
   """The model's input tokens for prompt ids, as training lays them out.
 
-  ids: int32 [n], one <image> marker id per image; images: uint8 [k, S, S,
-  3], k = the markers. Each marker becomes its placeholder run (bracketed
-  when data.image_start_end) by the data converter; the input is the
-  converter's decoder_input_tokens, i.e. the 0 start token followed by the
-  whole prompt. Returns int32 [1 + n + k * (run length - 1)]. Raises
-  GenerateInputError when markers and images differ in number or there are
-  more than model.max_images.
+  ids: int32 [n], one <image> marker id per image; images: one PromptImage
+  per marker. Each marker becomes its placeholder run(s) (one per slot,
+  bracketed when data.image_start_end, row ends with data.image_row_end) by
+  the data converter; the input is the converter's decoder_input_tokens,
+  i.e. the 0 start token followed by the whole prompt. Returns int32 [m].
+  Raises GenerateInputError when markers and images differ in number or
+  their slots exceed model.max_images.
   """
   from mm1_jax.data import packing, tokenizer
+  from mm1_jax.data.config import SplitScheme
   from mm1_jax.data.converter import MultimodalFeatureConverter
 
   ids = np.asarray(ids, np.int32)
@@ -144,28 +175,35 @@ def layout_prompt(ids: np.ndarray, images: np.ndarray, model_config, data_config
   if num_markers != len(images):
     raise GenerateInputError(f"the prompt has {num_markers} <image> marker(s) but "
                              f"{len(images)} image(s); they must match.")
-  if num_markers > model_config.max_images:
-    raise GenerateInputError(f"the prompt has {num_markers} images; the model takes at most "
+  slots, layouts = stack_images(images, model_config)
+  if len(slots) > model_config.max_images:
+    what = (f"{num_markers} images" if len(slots) == num_markers else
+            f"{num_markers} images in {len(slots)} sub-images (data.image_split)")
+    raise GenerateInputError(f"the prompt has {what}; the model takes at most "
                              f"max_images={model_config.max_images}.")
-  # An upper bound of the expanded length (runs with start/end tokens, the
-  # EOS below), so the converter's fitting never cuts the prompt.
-  seq_len = len(ids) + 1 + num_markers * (model_config.num_image_tokens + 2)
+  # An upper bound of the expanded length (runs with start/end tokens, row
+  # ends, the EOS below), so the converter's fitting never cuts the prompt.
+  seq_len = len(ids) + 1 + len(slots) * (model_config.num_image_tokens + 3)
+  scheme = SplitScheme.from_config(data_config)
   converter = MultimodalFeatureConverter(model_config, vocabulary, seq_len, pack=False,
-                                         image_start_end=data_config.image_start_end)
+                                         image_start_end=data_config.image_start_end,
+                                         image_split=scheme)
   # The pipeline feeds the targets shifted right by one (a 0 start token in
   # front), so the last token of an example is never an input: append EOS
   # to keep the whole prompt.
-  prepared = converter.prepare({"tokens": np.append(ids, vocabulary.eos_id),
-                                "loss_mask": np.ones(len(ids) + 1, np.int32),
-                                "images": images})
+  example = {"tokens": np.append(ids, vocabulary.eos_id),
+             "loss_mask": np.ones(len(ids) + 1, np.int32), "images": slots}
+  if scheme is not None:
+    example["image_layouts"] = layouts
+  prepared = converter.prepare(example)
   [sequence] = converter.convert(prepared)
   length = int(np.count_nonzero(sequence["decoder_segment_ids"]))
   assert length == len(prepared["tokens"]) and packing.PAD_ID == 0
   return sequence["decoder_input_tokens"][:length]
 
 
-def encode_prompt(prompt: str, images: np.ndarray, model_config, data_config, vocabulary
-                  ) -> np.ndarray:
+def encode_prompt(prompt: str, images: Sequence[PromptImage], model_config, data_config,
+                  vocabulary) -> np.ndarray:
   """The model's input tokens for prompt text, as training would lay it out.
 
   The text is tokenised like the data tasks' `inputs`, then laid out by
@@ -204,7 +242,8 @@ class PromptDecoder:
   chat (prompts growing turn by turn) compiles once per bucket, not once per
   turn (the prefill and the decode loop compile per prompt shape).
 
-  decoder(tokens int32 [n], images uint8 [k, S, S, 3], rng) -> int32 [m]:
+  decoder(tokens int32 [n], images uint8 [k, S, S, 3] (every image slot:
+  stack_images), rng) -> int32 [m]:
   the generated ids, the eos_id that ended them included (m <=
   max_new_tokens).
   """
@@ -244,7 +283,7 @@ def generate(experiment, workdir: str, image_paths: Sequence[str], prompt: str,
   tokens = encode_prompt(prompt, images, model_config, data_config, vocabulary)
   params, model_config, mesh = restore_params(experiment, workdir)
   decoder = PromptDecoder(params, model_config, mesh, decode_config)
-  generated = decoder(tokens, images, jax.random.key(seed))
+  generated = decoder(tokens, stack_images(images, model_config)[0], jax.random.key(seed))
   return vocabulary.decode(until_stop(generated, [vocabulary.eos_id]))
 
 

@@ -86,14 +86,14 @@ def test_the_session_decodes_the_rendered_history(experiment, template, image_pa
   model = experiment.model
   decoder = Recording(answer_ids(template, ANSWER))
   session = session_of(experiment, template, decoder)
-  image = generate.read_images([image_path], model, experiment.data)
+  [image] = generate.read_images([image_path], model, experiment.data)
 
   session.attach_image(image_path)  # /image: goes with the next message only.
   assert session.ask("What shape is in the image?") == ANSWER
   first = Turn(USER, "<image>\nWhat shape is in the image?")
   tokens, images = decoder.calls[0]
   np.testing.assert_array_equal(tokens, expected_prompt(template, [first], model))
-  np.testing.assert_array_equal(images, image)
+  np.testing.assert_array_equal(images, image.slots)
   assert template.decode(tokens[tokens != model.image_placeholder_id][1:]) == (
       "<|user|>\nWhat shape is in the image?<|end|><|assistant|>")
 
@@ -103,7 +103,7 @@ def test_the_session_decodes_the_rendered_history(experiment, template, image_pa
   history = [first, Turn(ASSISTANT, ANSWER), second]
   tokens, images = decoder.calls[1]
   np.testing.assert_array_equal(tokens, expected_prompt(template, history, model))
-  np.testing.assert_array_equal(images, image)  # The first turn's image stays.
+  np.testing.assert_array_equal(images, image.slots)  # The first turn's image stays.
   np.testing.assert_array_equal(session.last_prompt, tokens)
   assert session.turns == history + [Turn(ASSISTANT, ANSWER)]
 

@@ -51,7 +51,8 @@ def test_prompt_is_laid_out_like_the_training_inputs(image_path):
   model, data = config.model, config.data
   vocabulary = tokenizer.get_vocabulary()
   images = generate.read_images([image_path], model, data)
-  assert images.shape == (1, 64, 64, 3) and images.dtype == np.uint8
+  assert len(images) == 1 and images[0].layout == (1, 1)
+  assert images[0].slots.shape == (1, 64, 64, 3) and images[0].slots.dtype == np.uint8
   tokens = generate.encode_prompt(PROMPT, images, model, data, vocabulary)
   # The 0 start token, then the prompt with its marker expanded to 16 placeholders.
   marker = model.image_placeholder_id

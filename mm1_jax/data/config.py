@@ -14,6 +14,10 @@ CHAT_TEMPLATES = ("mm1", "gguf", "llava_v1", "plain")
 # (mm1_jax/data/images.py).
 IMAGE_POLICIES = ("stretch", "pad", "crop")
 
+# How an image is split into encoder-size sub-images for high resolution
+# (mm1_jax/data/image_split.py).
+IMAGE_SPLITS = ("none", "mm1", "anyres")
+
 
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
@@ -32,6 +36,21 @@ class InputConfig:
   # white, what viewers show (line art drawn only in alpha stays visible).
   image_background: tuple[int, int, int] = (255, 255, 255)
   image_start_end: bool = False  # Bracket each placeholder run with <image_start>/<image_end>.
+  # High resolution (mm1_jax/data/image_split.py): "none" (one S x S slot per
+  # image), "mm1" (a fixed grid of S x S crops + an overview) or "anyres"
+  # (LLaVA-NeXT: the grid of image_grids that fits the image best + an
+  # overview). Every crop and the overview take an image slot (model.max_images).
+  image_split: str = "none"
+  # (rows, cols) grids of S x S crops: "mm1" takes exactly one (MM1: (2, 2));
+  # "anyres" chooses among them (LLaVA-NeXT's 336 px pinpoints are (1, 2),
+  # (2, 1), (2, 2), (1, 3), (3, 1)).
+  image_grids: tuple[tuple[int, int], ...] = ((2, 2),)
+  # The overview's place among an image's slots: "first" | "last"; "" = the
+  # scheme's own (mm1: last, as MM1.5; anyres: first, as LLaVA-NeXT).
+  image_overview: str = ""
+  # An <image_row_end> token after each row of crops (LLaVA-NeXT's
+  # image_newline); its id is the one after the tokenizer's last.
+  image_row_end: bool = False
   shuffle: bool = True
   seed: int = 0
   num_epochs: int | None = None  # None: repeat forever (training).
@@ -77,6 +96,7 @@ def validate(config: InputConfig) -> None:
   if c.image_policy not in IMAGE_POLICIES:
     raise ConfigError(f"data.image_policy: unknown policy {c.image_policy!r}; use one of "
                       f"{IMAGE_POLICIES}.")
+  _validate_image_split(c)
   background = c.image_background
   if (not isinstance(background, (tuple, list)) or len(background) != 3
       or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255
@@ -87,3 +107,78 @@ def validate(config: InputConfig) -> None:
     if not getattr(c, field).strip():
       raise ConfigError(f"data.{field}: empty; name a registered SeqIO "
                         f"{'task or mixture' if field == 'mixture' else 'split'}.")
+
+
+def _validate_image_split(c: InputConfig) -> None:
+  if c.image_split not in IMAGE_SPLITS:
+    raise ConfigError(f"data.image_split: unknown scheme {c.image_split!r}; use one of "
+                      f"{IMAGE_SPLITS}.")
+  grids = c.image_grids
+  if (not isinstance(grids, (tuple, list)) or not grids or not all(
+      isinstance(g, (tuple, list)) and len(g) == 2 and all(
+          isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in g)
+      for g in grids)):
+    raise ConfigError(f"data.image_grids: expected one or more (rows, cols) pairs of ints >= "
+                      f"1, got {grids!r}; e.g. ((2, 2),) for MM1's 2 x 2 grid.")
+  if c.image_split == "mm1" and len(grids) != 1:
+    raise ConfigError(f"data.image_grids: image_split='mm1' cuts every image into one fixed "
+                      f"grid but {len(grids)} are given ({grids!r}); give one, e.g. ((2, 2),), "
+                      "or use image_split='anyres' to choose among them.")
+  if len(set(tuple(g) for g in grids)) != len(grids):
+    raise ConfigError(f"data.image_grids: {grids!r} lists a grid twice; list each once.")
+  if c.image_overview not in ("", "first", "last"):
+    raise ConfigError(f"data.image_overview: {c.image_overview!r} is not 'first', 'last' or "
+                      "'' (the scheme's own place).")
+  if c.image_split == "none" and (c.image_overview or c.image_row_end):
+    field = "image_overview" if c.image_overview else "image_row_end"
+    raise ConfigError(f"data.{field}: set, but data.image_split='none' does not split images; "
+                      "set image_split='mm1' or 'anyres', or unset it.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitScheme:
+  """How images are split: data.image_split and its options, resolved.
+
+  grids: (rows, cols) per candidate; overview_first: the overview's place
+  among an image's slots; row_end: an <image_row_end> token after each row.
+  """
+  kind: str
+  grids: tuple[tuple[int, int], ...]
+  overview_first: bool
+  row_end: bool
+
+  @classmethod
+  def from_config(cls, config: InputConfig) -> "SplitScheme | None":
+    """The scheme of a validated InputConfig; None for image_split='none'."""
+    if config.image_split == "none":
+      return None
+    overview = config.image_overview or ("last" if config.image_split == "mm1" else "first")
+    return cls(kind=config.image_split,
+               grids=tuple((int(r), int(c)) for r, c in config.image_grids),
+               overview_first=overview == "first", row_end=config.image_row_end)
+
+  @property
+  def max_slots(self) -> int:
+    """The most image slots one image can take: largest grid + the overview."""
+    return max(rows * cols for rows, cols in self.grids) + 1
+
+  @property
+  def max_grid_side(self) -> int:
+    return max(max(grid) for grid in self.grids)
+
+
+def slots_per_image(config: InputConfig) -> int:
+  """Image slots (sub-images) one image takes at most under `config`."""
+  scheme = SplitScheme.from_config(config)
+  return 1 if scheme is None else scheme.max_slots
+
+
+def tokens_per_image(config: InputConfig, num_image_tokens: int) -> int:
+  """Sequence tokens one image takes at most: each slot's run (placeholders,
+  start/end) and the row-end tokens."""
+  run = num_image_tokens + 2 * int(config.image_start_end)
+  scheme = SplitScheme.from_config(config)
+  if scheme is None:
+    return run
+  return max((rows * cols + 1) * run + (rows if scheme.row_end else 0)
+             for rows, cols in scheme.grids)

@@ -10,7 +10,11 @@ converter of their own. Task examples arrive with decoded images:
 and leave as sequences of the batch contract (see mm1_jax/data/packing.py):
 each marker expanded to a run of num_image_tokens placeholders (bracketed by
 <image_start>/<image_end> if configured), cut to fit without splitting a run,
-and packed several to a sequence. It runs on the host, in numpy: packing is
+and packed several to a sequence. With high-resolution splitting
+(data.image_split, mm1_jax/data/image_split.py) an example also carries
+`image_layouts` int32 [k, 2] and its k images arrive as their sub-images:
+each marker first becomes one marker per sub-image (and row ends), and an
+image's sub-images are kept or cut together. It runs on the host, in numpy: packing is
 plain, testable code, and its state (a partly filled sequence) is small and
 saved with the data position for exact resume.
 """
@@ -23,6 +27,8 @@ import numpy as np
 import seqio
 
 from mm1_jax.data import packing, tokenizer
+from mm1_jax.data.config import SplitScheme
+from mm1_jax.data.image_split import expand_split_markers
 from mm1_jax.models.config import MM1Config
 from mm1_jax.typed_config import ConfigError
 
@@ -35,7 +41,8 @@ class MultimodalFeatureConverter:
   """
 
   def __init__(self, model: MM1Config, vocabulary: seqio.Vocabulary, seq_len: int,
-               pack: bool = True, image_start_end: bool = False):
+               pack: bool = True, image_start_end: bool = False,
+               image_split: SplitScheme | None = None):
     special = tokenizer.special_token_ids(vocabulary)
     self.marker_id = special["<image>"]
     if self.marker_id != model.image_placeholder_id:
@@ -49,6 +56,18 @@ class MultimodalFeatureConverter:
     self.model, self.seq_len, self.eos_id = model, seq_len, vocabulary.eos_id
     self.start_id = special["<image_start>"] if image_start_end else None
     self.end_id = special["<image_end>"] if image_start_end else None
+    self.image_split = image_split
+    # <image_row_end>: the id after the tokenizer's last, learned by the
+    # LLM's embedding table like any token.
+    self.row_end_id = None
+    if image_split is not None and image_split.row_end:
+      self.row_end_id = vocabulary.vocab_size
+      if self.row_end_id >= model.llm.vocab_size:
+        raise ConfigError(
+            f"data.image_row_end: the <image_row_end> token takes id {self.row_end_id} (after "
+            f"the tokenizer's {vocabulary.vocab_size} ids) but llm.vocab_size is "
+            f"{model.llm.vocab_size}; set llm.vocab_size >= {self.row_end_id + 1} or "
+            "image_row_end=False.")
     size = model.encoder.image_size
     self._packer = packing.Packer(
         length=seq_len, max_images=model.max_images, image_shape=(size, size, 3),
@@ -60,7 +79,9 @@ class MultimodalFeatureConverter:
 
     example: tokens int [n], loss_mask [n], images [k, S, S, 3], and for a
     conversation cut_after bool [n] (its turn ends: where a too long one may
-    be cut). The result has tokens, loss_mask, images and `truncated`
+    be cut). With image splitting, image_layouts int [k', 2] ((rows, cols)
+    per marker) and images [k, S, S, 3] their sub-images, k = sum of rows *
+    cols + 1. The result has tokens, loss_mask, images and `truncated`
     (whether the end was cut off to fit).
     """
     tokens, loss_mask = np.asarray(example["tokens"]), np.asarray(example["loss_mask"])
@@ -68,17 +89,27 @@ class MultimodalFeatureConverter:
     if not len(images) and not np.any(tokens[loss_mask > 0] != self.eos_id):
       return None  # An empty record (at most an EOS).
     cut_after = example.get("cut_after")
+    image_group = None
+    if self.image_split is not None:
+      if "image_layouts" not in example:
+        raise ValueError("data.image_split is on but the example has no image_layouts; "
+                         "decode its images with image_split.decode_and_split.")
+      tokens, loss_mask, image_group, cut_after = expand_split_markers(
+          tokens, loss_mask, self.marker_id, example["image_layouts"], self.image_split,
+          self.row_end_id, cut_after)
+    run_length = self.model.num_image_tokens + (self.start_id is not None) + (
+        self.end_id is not None)
     if cut_after is not None:
-      run_length = self.model.num_image_tokens + (self.start_id is not None) + (
-          self.end_id is not None)
       cut_after = packing.expand_flags(cut_after, tokens, self.marker_id, run_length)
+    if image_group is not None:
+      image_group = packing.expand_per_token(image_group, tokens, self.marker_id, run_length)
     tokens, loss_mask = packing.expand_image_markers(
         tokens, loss_mask, self.marker_id, self.model.num_image_tokens, self.start_id,
         self.end_id)
     expanded_length = len(tokens)
     tokens, loss_mask, images = packing.fit_example(
         tokens, loss_mask, images, self.seq_len, self.model.max_images, self.marker_id,
-        self.start_id, self.end_id, self.model.num_image_tokens, cut_after)
+        self.start_id, self.end_id, self.model.num_image_tokens, cut_after, image_group)
     if not len(tokens):
       return None
     return {"tokens": tokens, "loss_mask": loss_mask, "images": images,

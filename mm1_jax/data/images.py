@@ -229,44 +229,66 @@ def _resize(image: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
   return tf.image.resize(image, tf.stack([height, width]), method="bilinear", antialias=True)
 
 
-def _fit_inside(height: tf.Tensor, width: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
-  """(height, width) scaled so the longer side is `size`; each side in [1, size]."""
-  scale = size / tf.cast(tf.maximum(height, width), tf.float32)
+def _fit_inside(height: tf.Tensor, width: tf.Tensor, target_height: int, target_width: int
+                ) -> tuple[tf.Tensor, tf.Tensor]:
+  """(height, width) scaled to fit inside the target, aspect kept; each side in [1, target]."""
+  scale = tf.minimum(target_height / tf.cast(height, tf.float32),
+                     target_width / tf.cast(width, tf.float32))
 
-  def one(side):
+  def one(side, target):
     side = tf.cast(tf.round(tf.cast(side, tf.float32) * scale), tf.int32)
-    return tf.clip_by_value(side, 1, size)
-  return one(height), one(width)
+    return tf.clip_by_value(side, 1, target)
+  return one(height, target_height), one(width, target_width)
 
 
-def _stretch(image: tf.Tensor, size: int) -> tf.Tensor:
-  return _resize(image, tf.constant(size), tf.constant(size))
+def _stretch(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
+  return _resize(image, tf.constant(height), tf.constant(width))
 
 
-def _pad(image: tf.Tensor, size: int, pad_color: tf.Tensor) -> tf.Tensor:
-  """Longer side -> size, centred on a size x size canvas of pad_color (0..255)."""
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
-  new_height, new_width = _fit_inside(height, width, size)
+def _pad(image: tf.Tensor, height: int, width: int, pad_color: tf.Tensor) -> tf.Tensor:
+  """Fitted inside height x width (aspect kept), centred on a canvas of pad_color (0..255)."""
+  new_height, new_width = _fit_inside(tf.shape(image)[0], tf.shape(image)[1], height, width)
   resized = _resize(image, new_height, new_width)
-  top, left = (size - new_height) // 2, (size - new_width) // 2
+  top, left = (height - new_height) // 2, (width - new_width) // 2
   # Pad (resized - colour) with zeros, then add the colour back: a constant
   # per-channel pad value in one op.
-  padded = tf.image.pad_to_bounding_box(resized - pad_color, top, left, size, size)
+  padded = tf.image.pad_to_bounding_box(resized - pad_color, top, left, height, width)
   return padded + pad_color
 
 
-def _crop(image: tf.Tensor, size: int) -> tf.Tensor:
-  """The central square (side = shorter side), resized to size x size.
+def _crop(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
+  """The largest central window of the target's aspect ratio, resized to height x width.
 
-  The same window as "shorter side -> size, then the central size x size",
-  but cropped first: resizing a 1 x 10000 strip to size x 10000*size first
-  would need gigabytes.
+  The same window as "cover the target keeping the aspect, then take its
+  centre", but cropped first: resizing a 1 x 10000 strip to size x
+  10000*size first would need gigabytes.
   """
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
-  side = tf.minimum(height, width)
-  square = tf.image.crop_to_bounding_box(image, (height - side) // 2, (width - side) // 2,
-                                         side, side)
-  return _resize(square, tf.constant(size), tf.constant(size))
+  image_height, image_width = tf.shape(image)[0], tf.shape(image)[1]
+  # Window = target scaled by min(image_h / h, image_w / w), at least 1 px.
+  scale = tf.minimum(tf.cast(image_height, tf.float32) / height,
+                     tf.cast(image_width, tf.float32) / width)
+  window_height = tf.clip_by_value(tf.cast(tf.round(height * scale), tf.int32), 1, image_height)
+  window_width = tf.clip_by_value(tf.cast(tf.round(width * scale), tf.int32), 1, image_width)
+  window = tf.image.crop_to_bounding_box(image, (image_height - window_height) // 2,
+                                         (image_width - window_width) // 2, window_height,
+                                         window_width)
+  return _resize(window, tf.constant(height), tf.constant(width))
+
+
+def resize_to(image: tf.Tensor, height: int, width: int, policy: str, pad_color: tf.Tensor
+              ) -> tf.Tensor:
+  """uint8 [h, w, 3] -> uint8 [height, width, 3] by `policy` (module docstring;
+  a non-square target generalises each: stretch, fit and pad, or centre window).
+
+  pad_color: float32 [3], RGB 0..255.
+  """
+  if policy == "stretch":
+    resized = _stretch(image, height, width)
+  elif policy == "pad":
+    resized = _pad(image, height, width, pad_color)
+  else:
+    resized = _crop(image, height, width)
+  return _to_uint8(resized)
 
 
 def _to_uint8(image: tf.Tensor) -> tf.Tensor:
@@ -326,6 +348,51 @@ def _plain_png(data: tf.Tensor, min_side: int) -> tf.Tensor:
                    tf.strings.length(data))))
 
 
+def decode_one(data: tf.Tensor, min_side: int, background: Sequence[int] = WHITE) -> tf.Tensor:
+  """tf.string [] -> uint8 [h, w, 3], decoded as `decode` does (graph or eager).
+
+  min_side: as `decode`'s (the reduced image keeps both sides >= it). A plain
+  PNG (`_plain_png`) decodes with tf.io.decode_png, anything else through
+  Pillow. An undecodable image raises tf.errors.InvalidArgumentError holding
+  "undecodable image: <why>" (at run time in a graph, at once eagerly).
+  """
+  background = tuple(int(c) for c in background)
+  plain = _plain_png(data, min_side)
+  if tf.executing_eagerly():
+    # A direct call (generate, the pipeline's re-decode of a skipped record):
+    # raise the usual error type, its message starting with the reason.
+    try:
+      if bool(plain):
+        return tf.io.decode_png(data, channels=3)
+      return tf.constant(decode(data.numpy(), background, min_side))
+    except UndecodableImageError as error:
+      raise tf.errors.InvalidArgumentError(None, None, str(error)) from None
+    except tf.errors.OpError as error:
+      why = re.sub(r"\s*\[Op:.*", "", error.message.splitlines()[0])
+      raise tf.errors.InvalidArgumentError(
+          None, None, str(UndecodableImageError(f"corrupt PNG ({why})"))) from None
+
+  def pillow() -> tf.Tensor:
+    decode_fn = functools.partial(_decode_or_reason, background=background, min_side=min_side)
+    image, reason = tf.numpy_function(decode_fn, [data], [tf.uint8, tf.string], stateful=False,
+                                      name="decode_image")
+    image.set_shape([None, None, 3])
+    reason.set_shape([])
+    check = tf.debugging.Assert(tf.equal(reason, ""), [reason])
+    with tf.control_dependencies([check]):
+      return tf.identity(image)
+
+  return tf.cond(plain, lambda: tf.io.decode_png(data, channels=3, name="decode_plain_png"),
+                 pillow)
+
+
+def check_resize_args(image_size: int, policy: str, pad_color: Sequence[float],
+                      background: Sequence[int]) -> tf.Tensor:
+  """Raises ValueError for a bad argument; returns pad_color as float32 [3] in 0..255."""
+  _check_args(image_size, policy, pad_color, background)
+  return tf.constant([round(255.0 * c) for c in pad_color], tf.float32)
+
+
 def decode_and_resize(encoded: tf.Tensor, image_size: int, policy: str,
                       pad_color: Sequence[float] = CLIP_MEAN,
                       background: Sequence[int] = WHITE) -> tf.Tensor:
@@ -339,55 +406,19 @@ def decode_and_resize(encoded: tf.Tensor, image_size: int, policy: str,
   tf.errors.InvalidArgumentError holding "undecodable image: <why>" at run
   time.
   """
-  _check_args(image_size, policy, pad_color, background)
-  color = tf.constant([round(255.0 * c) for c in pad_color], tf.float32)
+  color = check_resize_args(image_size, policy, pad_color, background)
   # Reduced decodes keep both sides >= 2 S, so the antialiased resize still
   # does the last (>= 2x) step itself and sees a few times S^2 pixels at most
   # (long strips excepted).
-  background, min_side = tuple(int(c) for c in background), 2 * image_size
-  decode_fn = functools.partial(_decode_or_reason, background=background, min_side=min_side)
-
-  def pillow(data: tf.Tensor) -> tf.Tensor:
-    image, reason = tf.numpy_function(decode_fn, [data], [tf.uint8, tf.string], stateful=False,
-                                      name="decode_image")
-    image.set_shape([None, None, 3])
-    reason.set_shape([])
-    check = tf.debugging.Assert(tf.equal(reason, ""), [reason])
-    with tf.control_dependencies([check]):
-      return tf.identity(image)
-
-  def eager(data: tf.Tensor, plain: bool) -> tf.Tensor:
-    # A direct call (generate, the pipeline's re-decode of a skipped record):
-    # raise the usual error type, its message starting with the reason.
-    try:
-      if plain:
-        return tf.io.decode_png(data, channels=3)
-      return tf.constant(decode(data.numpy(), background, min_side))
-    except UndecodableImageError as error:
-      raise tf.errors.InvalidArgumentError(None, None, str(error)) from None
-    except tf.errors.OpError as error:
-      why = re.sub(r"\s*\[Op:.*", "", error.message.splitlines()[0])
-      raise tf.errors.InvalidArgumentError(
-          None, None, str(UndecodableImageError(f"corrupt PNG ({why})"))) from None
+  min_side = 2 * image_size
 
   def resize(image: tf.Tensor) -> tf.Tensor:
-    if policy == "stretch":
-      resized = _stretch(image, image_size)
-    elif policy == "pad":
-      resized = _pad(image, image_size, color)
-    else:
-      resized = _crop(image, image_size)
-    return _to_uint8(resized)
+    return resize_to(image, image_size, image_size, policy, color)
 
   # Not autograph-converted: it would wrap the eager error in "in user code".
   @tf.autograph.experimental.do_not_convert
   def one(data: tf.Tensor) -> tf.Tensor:
-    plain = _plain_png(data, min_side)
-    if tf.executing_eagerly():
-      return resize(eager(data, bool(plain)))
-    return resize(tf.cond(plain, lambda: tf.io.decode_png(data, channels=3,
-                                                          name="decode_plain_png"),
-                          lambda: pillow(data)))
+    return resize(decode_one(data, min_side, background))
 
   @tf.autograph.experimental.do_not_convert
   def one_plain(data: tf.Tensor) -> tf.Tensor:

@@ -85,9 +85,15 @@ def expand_flags(flags: Any, tokens: Any, marker_id: int, run_length: int) -> np
   """bool [n] per token of unexpanded `tokens` -> bool [n'] per token after
   expand_image_markers (run_length = its tokens per image); False on runs."""
   tokens = np.asarray(tokens).reshape(-1)
-  is_marker = tokens == marker_id
-  flags = np.asarray(flags, bool).reshape(-1) & ~is_marker
-  return np.repeat(flags, np.where(is_marker, run_length, 1))
+  flags = np.asarray(flags, bool).reshape(-1) & (tokens != marker_id)
+  return expand_per_token(flags, tokens, marker_id, run_length)
+
+
+def expand_per_token(values: Any, tokens: Any, marker_id: int, run_length: int) -> np.ndarray:
+  """[n] values per token of unexpanded `tokens` -> [n'] after
+  expand_image_markers: each marker's value repeated over its run."""
+  tokens = np.asarray(tokens).reshape(-1)
+  return np.repeat(np.asarray(values).reshape(-1), np.where(tokens == marker_id, run_length, 1))
 
 
 def image_runs(tokens: Any, marker_id: int, num_image_tokens: int, start_id: int | None = None,
@@ -144,8 +150,8 @@ def _placeholders_per_image(tokens: np.ndarray, marker_id: int, num_images: int)
 
 def fit_example(tokens: Any, loss_mask: Any, images: Any, length: int, max_images: int,
                 marker_id: int, start_id: int | None = None, end_id: int | None = None,
-                num_image_tokens: int | None = None, cut_after: Any = None
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                num_image_tokens: int | None = None, cut_after: Any = None,
+                image_group: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Cuts an expanded example to fit `length` tokens and `max_images` images.
 
   tokens: int [n]; loss_mask: [n]; images: [k, ...] with k == number of runs.
@@ -153,11 +159,16 @@ def fit_example(tokens: Any, loss_mask: Any, images: Any, length: int, max_image
   start/end ids it is what splits touching runs, and it is checked).
   cut_after: bool [n] or None: the only places a cut may follow (a
   conversation's turn ends: never inside an answer); None = anywhere.
-  Never splits an image run:
-    1. more than max_images runs: cut right before the (max_images+1)-th run;
-    2. longer than length: cut at length, or before the run the cut falls in;
+  image_group: int [n] or None: which image each token belongs to (-1 for
+  text), when one image spans several runs (high-resolution sub-images and
+  their row-end tokens, mm1_jax/data/image_split.py); None = each run is
+  its own image.
+  Never splits an image (a run, or a group of them):
+    1. more than max_images runs: cut right before the image holding the
+       (max_images+1)-th run;
+    2. longer than length: cut at length, or before the image the cut falls in;
     3. with cut_after: move the cut back to the last allowed place;
-    4. drop trailing runs (a run needs a next token; see module docstring).
+    4. drop trailing images (a run needs a next token; see module docstring).
   Returns (tokens int32 [n'], loss_mask int32 [n'], images [k', ...]) with
   n' <= length and images a prefix. n' may be 0 (nothing usable is left).
   """
@@ -172,23 +183,37 @@ def fit_example(tokens: Any, loss_mask: Any, images: Any, length: int, max_image
   if len(runs) != len(images):
     raise ValueError(f"the tokens hold {len(runs)} image run(s) but the example has "
                      f"{len(images)} image(s).")
+  if image_group is None:
+    group = np.full(len(tokens), -1, np.int64)
+    for index, (begin, end) in enumerate(runs):
+      group[begin:end] = index
+  else:
+    group = np.asarray(image_group, np.int64).reshape(-1)
+    if group.shape != tokens.shape:
+      raise ValueError(f"image_group {group.shape} and tokens {tokens.shape} differ in length.")
+  # First token of each image (groups are contiguous and numbered in order).
+  in_image = np.flatnonzero(group >= 0)
+  ids, first = np.unique(group[in_image], return_index=True)
+  group_begin = dict(zip(ids.tolist(), in_image[first].tolist()))
+
+  def before_image(cut: int) -> int:
+    """`cut`, or the start of the image it would fall inside."""
+    if 0 < cut < len(tokens) and group[cut] >= 0 and group[cut - 1] == group[cut]:
+      return group_begin[int(group[cut])]
+    return cut
+
   cut = len(tokens)
   if len(runs) > max_images:
-    cut = int(runs[max_images, 0])
+    cut = before_image(int(runs[max_images, 0]))
   if cut > length:
-    cut = length
-    # At most one run straddles the cut; cut before it instead.
-    straddling = (runs[:, 0] < cut) & (runs[:, 1] > cut)
-    if straddling.any():
-      cut = int(runs[straddling][0, 0])
+    cut = before_image(length)
   if cut < len(tokens) and cut_after is not None:
     allowed = np.flatnonzero(np.asarray(cut_after, bool).reshape(-1)[:cut]) + 1
     cut = int(allowed[-1]) if len(allowed) else 0
+  # A loop: dropping an image leaves the one before it trailing when they touch.
+  while cut and group[cut - 1] >= 0:
+    cut = group_begin[int(group[cut - 1])]
   num_kept = int(np.count_nonzero(runs[:, 1] <= cut))
-  # A loop: dropping a run leaves the one before it trailing when they touch.
-  while num_kept and runs[num_kept - 1, 1] == cut:
-    num_kept -= 1
-    cut = int(runs[num_kept, 0])
   return tokens[:cut], loss_mask[:cut], images[:num_kept]
 
 

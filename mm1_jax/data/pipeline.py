@@ -36,8 +36,9 @@ import tensorflow as tf
 from mm1_jax import native_logs, paths, private_apis
 from mm1_jax.data import health as health_lib
 from mm1_jax.data import images as image_ops
-from mm1_jax.data import conversations, packing, sources, tasks, tokenizer
+from mm1_jax.data import conversations, image_split, packing, sources, tasks, tokenizer
 from mm1_jax.data.converter import MultimodalFeatureConverter
+from mm1_jax.data import config as data_config
 from mm1_jax.data.config import InputConfig
 from mm1_jax.models.config import MM1Config
 from mm1_jax.typed_config import ConfigError
@@ -88,11 +89,24 @@ def _task_datasets(provider, config: InputConfig, shard: seqio.ShardInfo
   return [task.name for task in task_list], mixed
 
 
-def _decode_images(encoded: tf.Tensor, config: InputConfig, model: MM1Config) -> tf.Tensor:
-  """tf.string [k] -> uint8 [k, S, S, 3]; raises on an undecodable image."""
-  return image_ops.decode_and_resize(encoded, model.encoder.image_size, config.image_policy,
-                                     pad_color=model.encoder.image_mean,
-                                     background=config.image_background)
+def _decode_images(encoded: tf.Tensor, config: InputConfig, model: MM1Config
+                   ) -> tuple[tf.Tensor, tf.Tensor]:
+  """tf.string [k] -> (images uint8 [n, S, S, 3], layouts int32 [k, 2]).
+
+  Without image splitting n = k and the layouts are (1, 1); with it, every
+  image's sub-images and its (rows, cols) (mm1_jax/data/image_split.py).
+  Raises on an undecodable image.
+  """
+  scheme = data_config.SplitScheme.from_config(config)
+  if scheme is not None:
+    return image_split.decode_and_split(encoded, model.encoder.image_size,
+                                        config.image_policy, scheme,
+                                        pad_color=model.encoder.image_mean,
+                                        background=config.image_background)
+  images = image_ops.decode_and_resize(encoded, model.encoder.image_size, config.image_policy,
+                                       pad_color=model.encoder.image_mean,
+                                       background=config.image_background)
+  return images, tf.ones([tf.shape(encoded)[0], 2], tf.int32)
 
 
 def _tf_stream(provider, config: InputConfig, model: MM1Config, shard: seqio.ShardInfo
@@ -120,13 +134,13 @@ def _tf_stream(provider, config: InputConfig, model: MM1Config, shard: seqio.Sha
     }
 
   def decoded(record):
-    images = _decode_images(record["encoded"], config, model)
-    return {**record, "images": images, "encoded": tf.zeros([0], tf.string),
-            "decoded": tf.constant(True)}
+    images, layouts = _decode_images(record["encoded"], config, model)
+    return {**record, "images": images, "image_layouts": layouts,
+            "encoded": tf.zeros([0], tf.string), "decoded": tf.constant(True)}
 
   def failed(record):
     return {**record, "images": tf.zeros([0, image_size, image_size, 3], tf.uint8),
-            "decoded": tf.constant(False)}
+            "image_layouts": tf.zeros([0, 2], tf.int32), "decoded": tf.constant(False)}
 
   def decode_or_flag(record):
     # tf.data has no try/except: decode in a one-record dataset whose error is
@@ -173,8 +187,9 @@ class MultimodalInput:
     self.local_batch_size = config.batch_size // process_count
     self.vocabulary = vocabulary or (tokenizer.get_vocabulary(config.vocabulary)
                                      if config.vocabulary else tasks.VOCABULARY)
-    self.converter = MultimodalFeatureConverter(model, self.vocabulary, config.seq_len,
-                                                config.pack, config.image_start_end)
+    self.converter = MultimodalFeatureConverter(
+        model, self.vocabulary, config.seq_len, config.pack, config.image_start_end,
+        data_config.SplitScheme.from_config(config))
     try:
       self.chat_template = conversations.get_template(config.chat_template, self.vocabulary)
     except ValueError as error:
@@ -231,11 +246,13 @@ class MultimodalInput:
       if not bool(record["decoded"]):
         self._skip_undecodable(task, source, record["encoded"].numpy())
         continue
-      images = record["images"].numpy()
+      images, layouts = record["images"].numpy(), record["image_layouts"].numpy()
       example = {"images": images}
+      if self.converter.image_split is not None:
+        example["image_layouts"] = layouts
       if len(record["roles"].numpy()):
         try:
-          example.update(self._render(record, len(images)))
+          example.update(self._render(record, len(layouts)))
         except conversations.ConversationError as error:
           reason = (health_lib.IMAGE_COUNT_MISMATCH if str(error).startswith(
               health_lib.IMAGE_COUNT_MISMATCH) else health_lib.BAD_CONVERSATION)
