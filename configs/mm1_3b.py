@@ -15,13 +15,21 @@ attention computed in query blocks, and 4 micro-batches of 128 sequences
 (one sequence per fsdp shard at a time): on 256 devices (fsdp=128 x
 tensor=2) the compiled step needs ~12 GiB per device, within 16 GiB
 (benchmarks/RESULTS.md, `python -m mm1_jax.summary --memory_analysis`).
+
+`--config=configs/mm1_3b.py:sft_highres` is MM1's final high-resolution SFT:
+the encoder at 672 px (its 378 px position embeddings interpolated when the
+pre-trained weights load), every image as a 2 x 2 grid of 672 px crops of
+the image at 1344 px plus a 672 px overview (data.image_split='mm1'): 5 x 144
+= 720 image tokens per image; ~1.45M instructions, 10k steps of 256 x 2048,
+lr 1e-5 cosine, encoder and LLM unfrozen. Start it from the pre-trained run:
+`init_from=WORKDIR` (`python -m mm1_jax.summary` prints the image tokens).
 """
 
 from mm1_jax import config_lib
 
 
 def get_config(arg=None):
-  del arg
+  arg = config_lib.parse_arg(arg, sft_highres=False, init_from="")
   config = config_lib.base_config()
   config.model.llm.update(vocab_size=100_352, width=3072, depth=26, num_heads=24,
                           num_kv_heads=8, mlp_dim=8192, rope_theta=10_000.0,
@@ -33,4 +41,15 @@ def get_config(arg=None):
   config.optimizer.update(lr_law=True, warmup_steps=2000, end_lr_fraction=0.1,
                           grad_accum_steps=4)
   config.mesh.update(data=1, fsdp=-1, tensor=2)
+  if arg.sft_highres:
+    # 672 / 14 = 48 x 48 = 2304 patches per sub-image, attended in 4 blocks.
+    config.model.encoder.update(image_size=672, attention_query_chunk=576)
+    config.model.max_images = 10  # Two images of 5 slots per sequence.
+    config.data.update(mixture="visual_sft", chat_template="mm1", batch_size=256,
+                       seq_len=2048, image_split="mm1", image_grids=((2, 2),))
+    config.train.num_steps = 10_000
+    config.optimizer.update(lr_law=False, learning_rate=1e-5, warmup_steps=100,
+                            end_lr_fraction=0.0, grad_accum_steps=2)
+    if arg.init_from:
+      config.init_from = arg.init_from
   return config

@@ -131,6 +131,7 @@ def run(experiment, workdir: str, *, untrained: bool = False, output: str | None
   from clu import metric_writers
 
   from mm1_jax import paths
+  from mm1_jax.data.config import SplitScheme
   from mm1_jax.evaluation import evaluator, fewshot
   from mm1_jax.training import trainer
 
@@ -160,7 +161,8 @@ def run(experiment, workdir: str, *, untrained: bool = False, output: str | None
       vocabulary_path=vocabulary_path, log=print,
       num_examples=(evaluator.NUM_EXAMPLES if chosen["num_examples"] is None
                     else chosen["num_examples"] or sys.maxsize),
-      prompt_format=prompt_format, chat_template=data_config.chat_template)
+      prompt_format=prompt_format, chat_template=data_config.chat_template,
+      image_split=SplitScheme.from_config(data_config))
   for task in chosen["tasks"]:
     first = next(iter(results[task].values()))
     if "vqa_accuracy" in first:  # A VQA task: add the blind baseline.

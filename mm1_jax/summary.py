@@ -45,6 +45,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mm1_jax import cli
+from mm1_jax.data import config as data_config
+from mm1_jax.data.config import InputConfig
 from mm1_jax.typed_config import ConfigError, dataclass_from_dict
 from mm1_jax.models import accounting
 from mm1_jax.models.config import MM1Config
@@ -58,7 +60,30 @@ def _human(count: float) -> str:
   return f"{count:8.0f}  "
 
 
-def format_summary(config: MM1Config, seq_len: int, num_devices: int) -> str:
+def format_images(model: MM1Config, data: InputConfig) -> str:
+  """Image slots and tokens per image (data.image_split) and what they cost."""
+  slots = data_config.slots_per_image(data)
+  tokens = data_config.tokens_per_image(data, model.num_image_tokens)
+  scheme = data_config.SplitScheme.from_config(data)
+  size = model.encoder.image_size
+  if scheme is None:
+    how = f"not split ({size}px)"
+  else:
+    grids = ", ".join(f"{rows}x{cols}" for rows, cols in scheme.grids)
+    largest = max(scheme.grids, key=lambda grid: grid[0] * grid[1])
+    how = (f"{scheme.kind} split, grid{'s' if len(scheme.grids) > 1 else ''} {grids} of "
+           f"{size}px crops + overview (up to {largest[0] * size}x{largest[1] * size}px)")
+  counts = accounting.count_params(model)
+  encoder_flops = slots * accounting.encoder_flops_per_image(model, counts)
+  return (f"images     {how}: up to {slots} image slot(s) = {tokens} sequence tokens per "
+          f"image ({model.num_image_tokens} per slot); {model.max_images // slots} image(s) "
+          f"per sequence at model.max_images={model.max_images}; encoder forward "
+          f"{encoder_flops / 1e9:.1f} GFLOP per image")
+
+
+def format_summary(config: MM1Config, seq_len: int, num_devices: int,
+                   data: InputConfig | None = None) -> str:
+  """Counts, FLOPs and memory of `config`; with `data`, its images' slots and tokens."""
   counts = accounting.count_params(config)
   giga = _human
   lines = [
@@ -84,6 +109,8 @@ def format_summary(config: MM1Config, seq_len: int, num_devices: int) -> str:
       f"at seq {seq_len} (x3 for a training step)",
       f"FLOPs/image  encoder forward {image_flops / 1e9:.1f} GFLOP",
   ]
+  if data is not None:
+    lines.append(format_images(config, data))
   memory = accounting.memory_bytes(config, counts)
   total = sum(memory.values())
   lines.append("memory     " + ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in memory.items())
@@ -349,8 +376,8 @@ def main(argv):
 
   FLAGS = flags.FLAGS
   if not FLAGS.memory_analysis:
-    config = Experiment.from_config(FLAGS.config).model  # Batch vs this machine's mesh.
-    print(format_summary(config, FLAGS.seq_len, FLAGS.num_devices))
+    experiment = Experiment.from_config(FLAGS.config)  # Batch vs this machine's mesh.
+    print(format_summary(experiment.model, FLAGS.seq_len, FLAGS.num_devices, experiment.data))
     return
   unknown = [mode for mode in FLAGS.finetuning if mode not in FINETUNING_MODES]
   if unknown:
@@ -372,7 +399,8 @@ def main(argv):
                          "JAX_PLATFORMS=cpu before JAX starts.")
   experiment = Experiment.from_config(FLAGS.config, num_devices=num_devices,
                                       check_init_from=False)
-  print(format_summary(experiment.model, FLAGS.seq_len, num_devices), flush=True)
+  print(format_summary(experiment.model, FLAGS.seq_len, num_devices, experiment.data),
+        flush=True)
   if not FLAGS.finetuning:
     report = train_step_memory(experiment, mesh, FLAGS.batch_size, FLAGS.seq_len)
     print(format_train_step_memory(report, FLAGS.device_memory_gib), flush=True)

@@ -108,7 +108,7 @@ def test_the_tiny_config_parses_into_typed_sections():
     ("mm1_3b", None, 256), ("mm1_7b", None, 256), ("mm1_30b", None, 256),
     ("mm1_3b_moe", None, 256), ("mm1_7b_moe", None, 256), ("mm1_smol", "stage=1,cpu", 1),
     ("mm1_smol", "stage=3", 8), ("mm1_smol", "stage=4,cpu", 1), ("mm1_smol", "stage=4", 8),
-    ("tiny", "sft", 1)])
+    ("tiny", "sft", 1), ("mm1_3b", "sft_highres", 256)])
 def test_the_bundled_configs_are_valid(name, arg, num_devices, tmp_path, monkeypatch):
   module = importlib.import_module(f"configs.{name}")
   monkeypatch.chdir(tmp_path)  # mm1_smol starts from checkpoints / workdirs made first.

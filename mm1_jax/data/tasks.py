@@ -19,12 +19,12 @@ IMAGE_MARKER ("<image>"), in the same order as `images`; the converter
 expands it to the model's run of num_image_tokens placeholders.
 
 Tasks:   easy_vqa_caption, easy_vqa_interleaved, shakespeare_text, easy_vqa_vqa,
-          easy_vqa_vqa_documents; conversation tasks easy_vqa_chat,
-          easy_vqa_chat_compare, easy_vqa_caption_chat, chatterbot_chat
-          (mm1_jax/data/instruction_tasks.py)
+          easy_vqa_vqa_documents, easy_vqa_mosaic_vqa, easy_vqa_mosaic_caption;
+          conversation tasks easy_vqa_chat, easy_vqa_chat_compare,
+          easy_vqa_caption_chat, chatterbot_chat (mm1_jax/data/instruction_tasks.py)
 Mixtures: mm1_pretrain (interleaved 45 : caption 45 : text 10), MM1's
-          data-ablation mixtures, and llava_stage1 / visual_sft /
-          visual_sft_text (see MIXTURES).
+          data-ablation mixtures, easy_vqa_sft, easy_vqa_mosaic_sft, and
+          llava_stage1 / visual_sft / visual_sft_text (see MIXTURES).
 """
 
 from __future__ import annotations
@@ -38,12 +38,15 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mm1_jax.data import instruction_tasks, sources, tokenizer
-from mm1_jax.data.sources import easy_vqa as _easy_vqa, shakespeare as _shakespeare  # noqa: F401  (registers the TFDS builders)
+# Imported to register the TFDS builders.
+from mm1_jax.data.sources import (  # noqa: F401
+    easy_vqa as _easy_vqa, easy_vqa_mosaic as _easy_vqa_mosaic, shakespeare as _shakespeare)
 
 tf.config.set_visible_devices([], "GPU")
 
 IMAGE_MARKER = "<image>"
-EASY_VQA, SHAKESPEARE = "mm1_easy_vqa", "mm1_shakespeare"  # Bundled TFDS builders.
+# Bundled TFDS builders.
+EASY_VQA, EASY_VQA_MOSAIC, SHAKESPEARE = "mm1_easy_vqa", "mm1_easy_vqa_mosaic", "mm1_shakespeare"
 VOCABULARY = tokenizer.get_vocabulary()
 
 
@@ -92,6 +95,15 @@ def _easy_vqa_source(split_names: Sequence[str] = ("train", "test")) -> seqio.Tf
   return seqio.TfdsDataSource(
       tfds_name=f"{EASY_VQA}:1.0.0", tfds_data_dir=sources.default_data_dir(),
       splits={name: name for name in split_names},
+      decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def _easy_vqa_mosaic_source() -> seqio.TfdsDataSource:
+  """3 x 3 mosaics of easy-vqa images (sources/easy_vqa_mosaic.py); the same image and
+  caption / questions features as _easy_vqa_source, so the same preprocessors apply."""
+  return seqio.TfdsDataSource(
+      tfds_name=f"{EASY_VQA_MOSAIC}:1.0.0", tfds_data_dir=sources.default_data_dir(),
+      splits={"train": "train", "test": "test"},
       decoders={"image": tfds.decode.SkipDecoding()})
 
 
@@ -207,7 +219,8 @@ def text_example(example):
 # --- registration ------------------------------------------------------------
 
 TASKS = ("easy_vqa_caption", "easy_vqa_interleaved", "shakespeare_text", "easy_vqa_vqa",
-         "easy_vqa_vqa_documents") + instruction_tasks.TASKS
+         "easy_vqa_vqa_documents", "easy_vqa_mosaic_vqa", "easy_vqa_mosaic_caption"
+         ) + instruction_tasks.TASKS
 
 # MM1's pre-training mixture and its data ablations (interleaved : caption : text).
 MIXTURES = {
@@ -222,6 +235,9 @@ MIXTURES = {
                             "shakespeare_text": 9},
     # Visual instruction tuning: single questions and few-shot-style documents.
     "easy_vqa_sft": {"easy_vqa_vqa": 50, "easy_vqa_vqa_documents": 50},
+    # Questions about one cell of a 3 x 3 mosaic (192 px), and its every-cell caption: at a
+    # 64 px encoder only high-resolution image splitting keeps the cells readable.
+    "easy_vqa_mosaic_sft": {"easy_vqa_mosaic_vqa": 80, "easy_vqa_mosaic_caption": 20},
     # Conversations (rendered with data.chat_template): llava_stage1, visual_sft,
     # visual_sft_text; see instruction_tasks.
     **instruction_tasks.MIXTURES,
@@ -240,6 +256,15 @@ def register_all(vocabulary: seqio.Vocabulary = VOCABULARY, suffix: str = "") ->
   }
   for name, preprocessors in easy_vqa.items():
     seqio.TaskRegistry.add(name + suffix, source=_easy_vqa_source(),
+                           preprocessors=preprocessors + postprocess, output_features=features)
+  # The mosaic records carry easy-vqa's image / caption / questions features (plus each
+  # question's cell, unused here), so the single-image preprocessors read them as they are.
+  easy_vqa_mosaic = {
+      "easy_vqa_mosaic_vqa": [vqa_examples],
+      "easy_vqa_mosaic_caption": [seqio.map_over_dataset(caption_example)],
+  }
+  for name, preprocessors in easy_vqa_mosaic.items():
+    seqio.TaskRegistry.add(name + suffix, source=_easy_vqa_mosaic_source(),
                            preprocessors=preprocessors + postprocess, output_features=features)
   seqio.TaskRegistry.add(
       "shakespeare_text" + suffix,

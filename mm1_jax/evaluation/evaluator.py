@@ -46,6 +46,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from mm1_jax.data.config import SplitScheme
 from mm1_jax.evaluation import decoding, fewshot, metrics
 from mm1_jax.experiment import PROMPT_FORMATS
 from mm1_jax.models.config import MM1Config
@@ -164,8 +165,8 @@ def evaluate_setting(params: Any, model_config: MM1Config, task_name: str, num_s
                      eval_split: str | None = None, image_policy: str = "stretch",
                      image_start_end: bool = False, vocabulary_path: str = "",
                      length_bucket: int = 64, num_examples: int = NUM_EXAMPLES,
-                     prompt_format: str = FEWSHOT, chat_template: str = ""
-                     ) -> dict[str, Any]:
+                     prompt_format: str = FEWSHOT, chat_template: str = "",
+                     image_split: SplitScheme | None = None) -> dict[str, Any]:
   """One task at one shot count: {metric: value, "num_queries": n, "examples": [...]}.
 
   Arguments as `evaluate`. model_config may have fewer image slots than the
@@ -173,12 +174,13 @@ def evaluate_setting(params: Any, model_config: MM1Config, task_name: str, num_s
   """
   max_new_tokens = {**DEFAULT_MAX_NEW_TOKENS, **(max_new_tokens or {})}
   per_query = images_per_example(task_name, eval_split, vocabulary_path)
-  config = eval_model_config(model_config, num_shots, per_query)
+  config = eval_model_config(model_config, num_shots,
+                             per_query * fewshot.slots_per_image(image_split))
   evaluation_set = evaluation_set_of(
       task_name, config, num_shots, seed, prompt_format=prompt_format,
       chat_template=chat_template, eval_split=eval_split, max_queries=max_queries,
       image_policy=image_policy, image_start_end=image_start_end,
-      vocabulary_path=vocabulary_path)
+      vocabulary_path=vocabulary_path, image_split=image_split)
   vocabulary = evaluation_set.vocabulary
   # The first stop id ends the loop: EOS (few-shot), the end of the turn (chat).
   generator = decoding.Generator(config, decoding.DecodeConfig(
@@ -211,7 +213,8 @@ def evaluate(params: Any, model_config: MM1Config, tasks: Sequence[str] = DEFAUL
              image_start_end: bool = False, vocabulary_path: str = "",
              length_bucket: int = 64, num_examples: int = NUM_EXAMPLES,
              log: Callable[[str], None] | None = None, prompt_format: str = FEWSHOT,
-             chat_template: str = "") -> dict[str, dict[str, dict[str, Any]]]:
+             chat_template: str = "", image_split: SplitScheme | None = None
+             ) -> dict[str, dict[str, dict[str, Any]]]:
   """Greedy k-shot evaluation of every task at every shot count.
 
   params: the model's 'params' tree (on `mesh` when given: the run's mesh,
@@ -222,7 +225,8 @@ def evaluate(params: Any, model_config: MM1Config, tasks: Sequence[str] = DEFAUL
   demonstration sampling seed. max_new_tokens: {"vqa": n, "caption": n}
   (DEFAULT_MAX_NEW_TOKENS fills the rest). eval_split: default "test", else
   "validation". image_policy / image_start_end / vocabulary_path: as the
-  training run's config.data. log: called with a line per setting.
+  training run's config.data; image_split: its SplitScheme.from_config(data)
+  (None: images not split). log: called with a line per setting.
   prompt_format: "fewshot" (MM1's k-shot prompts) or "chat" (0-shot
   instructions in chat_template, "" = the vocabulary's own: the run's
   data.chat_template; shots must be (0,)).
@@ -246,7 +250,8 @@ def evaluate(params: Any, model_config: MM1Config, tasks: Sequence[str] = DEFAUL
           seed=seed, max_new_tokens=max_new_tokens, mesh=mesh, eval_split=eval_split,
           image_policy=image_policy, image_start_end=image_start_end,
           vocabulary_path=vocabulary_path, length_bucket=length_bucket,
-          num_examples=num_examples, prompt_format=prompt_format, chat_template=chat_template)
+          num_examples=num_examples, prompt_format=prompt_format, chat_template=chat_template,
+          image_split=image_split)
       setting = setting_name(int(k), prompt_format)
       results[task][setting] = result
       if log:

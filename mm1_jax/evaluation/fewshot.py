@@ -56,9 +56,12 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from mm1_jax.data import image_split as image_split_ops
 from mm1_jax.data import images as image_ops
 from mm1_jax.data import conversations, packing, sources, tasks, tokenizer
+from mm1_jax.data.config import SplitScheme
 from mm1_jax.data.converter import MultimodalFeatureConverter
+from mm1_jax.data.image_split import expand_split_markers
 from mm1_jax.evaluation import metrics
 from mm1_jax.models.config import MM1Config
 
@@ -259,22 +262,36 @@ def check_image_capacity(num_shots: int, images_per_example: int, max_images: in
 
 
 @functools.lru_cache(maxsize=16)
-def _image_decoder(image_size: int, policy: str, pad_color: tuple[float, ...]):
-  """A compiled decode_and_resize for [k] encoded images (any k)."""
+def _image_decoder(image_size: int, policy: str, pad_color: tuple[float, ...],
+                   image_split: SplitScheme | None):
+  """A compiled decoder for [k] encoded images (any k): (images [n, S, S, 3],
+  layouts int32 [k, 2]), as the training pipeline decodes them."""
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
   def decode(encoded):
-    return image_ops.decode_and_resize(encoded, image_size, policy, pad_color=pad_color)
+    if image_split is not None:
+      return image_split_ops.decode_and_split(encoded, image_size, policy, image_split,
+                                              pad_color=pad_color)
+    images = image_ops.decode_and_resize(encoded, image_size, policy, pad_color=pad_color)
+    return images, tf.ones([tf.shape(encoded)[0], 2], tf.int32)
   return decode
 
 
-def decode_images(encoded: Sequence[bytes], model: MM1Config, policy: str = "stretch"
-                  ) -> np.ndarray:
-  """uint8 [k, S, S, 3]: images decoded and resized as the training pipeline does."""
+def decode_images(encoded: Sequence[bytes], model: MM1Config, policy: str = "stretch",
+                  image_split: SplitScheme | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(images uint8 [n, S, S, 3], layouts int32 [k, 2]): k images decoded and
+  resized (or split into n sub-images) as the training pipeline does."""
   size = model.encoder.image_size
   if not encoded:
-    return np.zeros((0, size, size, 3), np.uint8)
-  decoder = _image_decoder(size, policy, tuple(float(c) for c in model.encoder.image_mean))
-  return decoder(tf.constant(list(encoded), tf.string)).numpy()
+    return np.zeros((0, size, size, 3), np.uint8), np.zeros((0, 2), np.int32)
+  decoder = _image_decoder(size, policy, tuple(float(c) for c in model.encoder.image_mean),
+                           image_split)
+  images, layouts = decoder(tf.constant(list(encoded), tf.string))
+  return images.numpy(), layouts.numpy()
+
+
+def slots_per_image(image_split: SplitScheme | None) -> int:
+  """Image slots one image takes at most (its sub-images when split)."""
+  return 1 if image_split is None else image_split.max_slots
 
 
 # --- the evaluation set -----------------------------------------------------------
@@ -288,7 +305,8 @@ class FewShotEvaluationSet:
   num_shots: k >= 0. seed: the demonstration sampling seed.
   eval_split: default 'test', else 'validation'. train_split: where
   demonstrations come from. max_queries: evaluate only the first N.
-  image_policy / image_start_end / vocabulary_path: as config.data's
+  image_policy / image_start_end / vocabulary_path / image_split (a
+  SplitScheme, None = not split): as config.data's
   image_policy / image_start_end / vocabulary of the run that trained the
   model. kind: 'caption' | 'vqa'; None infers it (module docstring).
 
@@ -301,18 +319,20 @@ class FewShotEvaluationSet:
                eval_split: str | None = None, train_split: str = "train",
                max_queries: int | None = None, image_policy: str = "stretch",
                image_start_end: bool = False, vocabulary_path: str = "",
-               kind: str | None = None):
+               kind: str | None = None, image_split: SplitScheme | None = None):
     if num_shots < 0:
       raise ValueError(f"num_shots must be >= 0, got {num_shots}.")
     self.task_name, self.model, self.num_shots, self.seed = task_name, model, num_shots, seed
-    self.image_policy = image_policy
+    self.image_policy, self.image_split = image_policy, image_split
     self.vocabulary = _vocabulary(vocabulary_path)
     # The converter checks the vocabulary against the model (placeholder id,
     # vocab size) and gives the ids of the image runs, exactly as in training.
     converter = MultimodalFeatureConverter(model, self.vocabulary, seq_len=1, pack=False,
-                                           image_start_end=image_start_end)
+                                           image_start_end=image_start_end,
+                                           image_split=image_split)
     self._marker_id, self._start_id, self._end_id = (converter.marker_id, converter.start_id,
                                                      converter.end_id)
+    self._row_end_id = converter.row_end_id
     self.eval_split = eval_split or default_eval_split(task_name, vocabulary_path)
     self.queries = load_task_examples(task_name, self.eval_split, vocabulary_path, max_queries)
     if not self.queries:
@@ -320,7 +340,8 @@ class FewShotEvaluationSet:
     self.train = load_task_examples(task_name, train_split, vocabulary_path) if num_shots else ()
     first = self.queries[0]
     check_query_example(first, self.vocabulary, task_name)
-    check_image_capacity(num_shots, len(first.images), model.max_images)
+    check_image_capacity(num_shots, len(first.images) * slots_per_image(image_split),
+                         model.max_images)
     self.kind = kind or infer_kind(
         first, self.vocabulary, has_answers_feature(task_name, self.eval_split, vocabulary_path))
     if self.kind not in metrics.KINDS:
@@ -354,17 +375,23 @@ class FewShotEvaluationSet:
       check_query_example(demonstration, self.vocabulary, self.task_name)
     ids = self.prompt_ids(query, demonstrations)
     encoded = [image for example in demonstrations + [query] for image in example.images]
-    if len(encoded) > self.model.max_images:  # Examples with more images than the first.
+    decoded, layouts = decode_images(encoded, self.model, self.image_policy, self.image_split)
+    if len(decoded) > self.model.max_images:  # Examples with more images than the first.
       raise ValueError(f"query {query_index}: its {self.num_shots}-shot prompt holds "
-                       f"{len(encoded)} images but model.max_images is "
-                       f"{self.model.max_images}; use fewer shots or a larger max_images.")
-    expanded, _ = packing.expand_image_markers(ids, np.zeros_like(ids), self._marker_id,
-                                               self.model.num_image_tokens, self._start_id,
-                                               self._end_id)
+                       f"{len(decoded)} image slots ({len(encoded)} images) but "
+                       f"model.max_images is {self.model.max_images}; use fewer shots or a "
+                       "larger max_images.")
+    expanded = ids
+    if self.image_split is not None:
+      expanded, _, _, _ = expand_split_markers(ids, np.zeros_like(ids), self._marker_id, layouts,
+                                               self.image_split, self._row_end_id)
+    expanded, _ = packing.expand_image_markers(expanded, np.zeros_like(expanded),
+                                               self._marker_id, self.model.num_image_tokens,
+                                               self._start_id, self._end_id)
     size = self.model.encoder.image_size
     images = np.zeros((self.model.max_images, size, size, 3), np.uint8)
-    images[:len(encoded)] = decode_images(encoded, self.model, self.image_policy)
-    image_mask = np.arange(self.model.max_images) < len(encoded)
+    images[:len(decoded)] = decoded
+    image_mask = np.arange(self.model.max_images) < len(decoded)
     return FewShotPrompt(
         tokens=np.concatenate([[BOS_ID], expanded]).astype(np.int32),
         images=images, image_mask=image_mask, references=query.references, kind=self.kind,
@@ -441,10 +468,10 @@ class ChatEvaluationSet(FewShotEvaluationSet):
                chat_template: str = "", eval_split: str | None = None,
                max_queries: int | None = None, image_policy: str = "stretch",
                image_start_end: bool = False, vocabulary_path: str = "",
-               kind: str | None = None):
+               kind: str | None = None, image_split: SplitScheme | None = None):
     super().__init__(task_name, model, 0, seed, eval_split=eval_split, max_queries=max_queries,
                      image_policy=image_policy, image_start_end=image_start_end,
-                     vocabulary_path=vocabulary_path, kind=kind)
+                     vocabulary_path=vocabulary_path, kind=kind, image_split=image_split)
     self.template = conversations.get_template(chat_template, self.vocabulary)
 
   def prompt_ids(self, query: TaskExample, demonstrations: Sequence[TaskExample]

