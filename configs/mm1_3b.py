@@ -42,8 +42,10 @@ def get_config(arg=None):
                           grad_accum_steps=4)
   config.mesh.update(data=1, fsdp=-1, tensor=2)
   if arg.sft_highres:
-    # 672 / 14 = 48 x 48 = 2304 patches per sub-image, attended in 4 blocks.
-    config.model.encoder.update(image_size=672, attention_query_chunk=576)
+    # 672 / 14 = 48 x 48 = 2304 patches per sub-image, attended in 4 blocks;
+    # the position embeddings keep their 27 x 27 (378 px) grid and are resized
+    # bicubically on the fly, as transformers' interpolate_pos_encoding.
+    config.model.encoder.update(image_size=672, pos_grid_size=27, attention_query_chunk=576)
     config.model.max_images = 10  # Two images of 5 slots per sequence.
     config.data.update(mixture="visual_sft", chat_template="mm1", batch_size=256,
                        seq_len=2048, image_split="mm1", image_grids=((2, 2),))

@@ -72,7 +72,7 @@ def select_grid(height: tf.Tensor, width: tf.Tensor, grids: Sequence[tuple[int, 
   return tf.argmin(wasted, output_type=tf.int32)  # The first of equal minima.
 
 
-def _cut(canvas: tf.Tensor, rows: tf.Tensor, cols: tf.Tensor, image_size: int) -> tf.Tensor:
+def _cut(canvas: tf.Tensor, rows: int, cols: int, image_size: int) -> tf.Tensor:
   """uint8 [rows*S, cols*S, 3] -> [rows*cols, S, S, 3], row-major."""
   blocks = tf.reshape(canvas, [rows, image_size, cols, image_size, 3])
   return tf.reshape(tf.transpose(blocks, [0, 2, 1, 3, 4]), [-1, image_size, image_size, 3])
