@@ -274,3 +274,24 @@ def test_fewshot_prompts_split_images_as_training_does():
                                        r"model.max_images >= 10"):
     fewshot.FewShotEvaluationSet("easy_vqa_vqa", dataclasses.replace(MODEL, max_images=9),
                                  num_shots=1, max_queries=2, image_split=split)
+
+
+def test_conversations_split_their_images_with_row_ends():
+  config = InputConfig(mixture="easy_vqa_chat", batch_size=2, seq_len=256, seed=3,
+                       chat_template="mm1", image_split="anyres",
+                       image_grids=((1, 2), (2, 1), (2, 2)), image_row_end=True)
+  model = dataclasses.replace(MODEL, max_images=10,
+                              llm=dataclasses.replace(MODEL.llm, vocab_size=4160))
+  source = pipeline.MultimodalInput(config, model, process_index=0, process_count=1)
+  batch = next(source)
+  check_image_placeholders(batch["decoder_input_tokens"], batch["image_mask"],
+                           model.num_image_tokens, model.image_placeholder_id)
+  targets = batch["decoder_target_tokens"]
+  # A 64 px image fits every canvas whole; LLaVA's rule then takes the least
+  # waste, the 1 x 2 grid: overview + 2 crops and one row end per image.
+  images_per_row = batch["image_mask"].sum(axis=1)
+  assert np.all(images_per_row % 3 == 0) and images_per_row.sum() > 0
+  np.testing.assert_array_equal((targets == 4096).sum(axis=1), images_per_row // 3)
+  assert not batch["decoder_loss_weights"][targets == 4096].any()
+  assert batch["decoder_loss_weights"].sum() > 0
+  source.close()
