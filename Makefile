@@ -7,18 +7,31 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # packages on top (torch CPU, transformers, onnxruntime, pytest, ...).
 RUNTIME := $(VENV)/.installed-runtime
 DEV := $(VENV)/.installed-dev
+# The emoji dataset's images (mm1_jax/data/sources/emoji.py): an npm package, fetched
+# once into the venv; nothing downloads when training or testing runs.
+EMOJI_PACKAGE := emoji-datasource-google@16.0.0
+EMOJI_TARBALL := $(VENV)/share/mm1_jax/emoji-datasource-google-16.0.0.tgz
 
 .PHONY: setup setup-dev test train summary bench pretrained clean
 
 setup: $(RUNTIME)
 setup-dev: $(DEV)
 
-# Each re-installs whenever its requirements files change.
-$(RUNTIME): requirements.txt requirements-nodeps.txt
+# Each re-installs whenever its requirements files change. The tarball is order-only:
+# fetched whenever it is missing (an existing venv too), never a cause to re-install.
+$(RUNTIME): requirements.txt requirements-nodeps.txt | $(EMOJI_TARBALL)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) -r requirements.txt
 	$(PIP) --no-deps -r requirements-nodeps.txt
 	touch $@
+
+# npm pack writes the tarball into the current folder; it lands under a temporary
+# name first, so an interrupted fetch leaves no partial file for make to trust.
+$(EMOJI_TARBALL):
+	@command -v npm >/dev/null 2>&1 || { echo "npm not found: install Node.js/npm (the emoji dataset's tarball comes from the npm registry), then run make setup again" >&2; exit 1; }
+	rm -rf $@.partial && mkdir -p $@.partial
+	cd $@.partial && npm pack --silent $(EMOJI_PACKAGE) >/dev/null
+	mv $@.partial/$(notdir $@) $@ && rm -rf $@.partial
 
 $(DEV): $(RUNTIME) requirements-dev.txt requirements-dev-nodeps.txt
 	$(PIP) -r requirements.txt -r requirements-dev.txt

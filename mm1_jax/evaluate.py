@@ -3,7 +3,8 @@
     python -m mm1_jax.evaluate --config=configs/tiny.py --workdir=workdirs/tiny \
         [--shots=0,4,8] [--tasks=easy_vqa_vqa,easy_vqa_caption] [--max_queries=500] \
         [--untrained] [--output=PATH] [--batch_size=16 --seed=0 --import=my_project.tasks] \
-        [--num_examples=3] [--split=validation] [--prompt_format=fewshot|chat]
+        [--num_examples=3] [--split=validation] [--prompt_format=fewshot|chat] \
+        [--perplexity_tasks=shakespeare_text]
 
 Use the config (and overrides) the run was trained with: a checkpoint of
 another config is refused with the same message as training. --untrained
@@ -25,6 +26,11 @@ query [user: "<image>\nDescribe the image briefly."], each with the
 assistant header after it; the answer ends at the template's stop ids.
 Only 0-shot: shots > 0 are refused (pass --shots=0). Its setting is
 "0shot_chat", and its report step_{step}_chat.json.
+
+--perplexity_tasks (default config.eval.perplexity_tasks) scores text tasks
+by held-out perplexity (their validation split, sequences of data.seq_len:
+mm1_jax/evaluation/perplexity.py), e.g. shakespeare_text, whose validation
+plays are never trained on; with --tasks= (empty) only those are evaluated.
 
 Writes a JSON report (default {workdir}/eval/step_{step}.json, or
 step_0_untrained.json) with the metrics, example answers per setting (3, or
@@ -58,6 +64,9 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Workdir of the training run.")
   flags.DEFINE_list("tasks", None, "SeqIO tasks to evaluate (default: config.eval.tasks).")
   flags.DEFINE_list("shots", None, "Shot counts, e.g. 0,4,8 (default: config.eval.shots).")
+  flags.DEFINE_list("perplexity_tasks", None, "Text tasks scored by held-out perplexity "
+                    "(their validation split), e.g. shakespeare_text (default: "
+                    "config.eval.perplexity_tasks); --tasks= (empty) then evaluates only them.")
   flags.DEFINE_integer("max_queries", None, "Queries per setting, the first N of "
                        "the eval split; 0: all (default: config.eval.max_queries).",
                        lower_bound=0)
@@ -83,14 +92,15 @@ def define_flags() -> None:
 
 
 def settings(experiment, tasks=None, shots=None, max_queries=None, batch_size=None, seed=None,
-             num_examples=None, split=None, prompt_format=None) -> dict:
+             num_examples=None, split=None, prompt_format=None, perplexity_tasks=None) -> dict:
   """The evaluation settings: the flags given, else experiment.eval's values
   (split: None, each task's default evaluation split). Raises ConfigError
   naming a bad value."""
   from mm1_jax.experiment import validate_eval
 
   given = dict(tasks=tasks, shots=shots, max_queries=max_queries, batch_size=batch_size,
-               seed=seed, split=split, prompt_format=prompt_format)
+               seed=seed, split=split, prompt_format=prompt_format,
+               perplexity_tasks=perplexity_tasks)
   chosen = dataclasses.replace(experiment.eval, **{
       k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None})
   validate_eval(chosen)
@@ -98,7 +108,8 @@ def settings(experiment, tasks=None, shots=None, max_queries=None, batch_size=No
           "max_queries": chosen.max_queries or None, "batch_size": chosen.batch_size,
           "seed": chosen.seed, "num_examples": num_examples,  # None: the evaluator's default.
           "split": chosen.split,  # None: each task's default.
-          "prompt_format": chosen.prompt_format}
+          "prompt_format": chosen.prompt_format,
+          "perplexity_tasks": list(chosen.perplexity_tasks)}
 
 
 def chat_template_name(experiment) -> str:
@@ -132,7 +143,7 @@ def run(experiment, workdir: str, *, untrained: bool = False, output: str | None
 
   from mm1_jax import paths
   from mm1_jax.data.config import SplitScheme
-  from mm1_jax.evaluation import evaluator, fewshot
+  from mm1_jax.evaluation import evaluator, fewshot, perplexity
   from mm1_jax.training import trainer
 
   chosen = settings(experiment, **overrides)
@@ -141,11 +152,15 @@ def run(experiment, workdir: str, *, untrained: bool = False, output: str | None
   # A bad task, split or shot count fails before the checkpoint is read.
   split = chosen["split"]
   prompt_format = chosen["prompt_format"]
-  evaluator.check_tasks(chosen["tasks"], chosen["shots"], eval_split=split,
-                        vocabulary_path=vocabulary_path, prompt_format=prompt_format)
+  evaluator.check_perplexity_tasks(chosen["perplexity_tasks"], vocabulary_path)
+  if chosen["tasks"] or not chosen["perplexity_tasks"]:
+    evaluator.check_tasks(chosen["tasks"], chosen["shots"], eval_split=split,
+                          vocabulary_path=vocabulary_path, prompt_format=prompt_format)
   # The split each task is evaluated on, and the chat template, for the report.
   chosen["eval_splits"] = {task: split or fewshot.default_eval_split(task, vocabulary_path)
                            for task in chosen["tasks"]}
+  chosen["eval_splits"].update(dict.fromkeys(chosen["perplexity_tasks"],
+                                             perplexity.DEFAULT_SPLIT))
   chosen["chat_template"] = (chat_template_name(experiment) if prompt_format == evaluator.CHAT
                              else None)
   if untrained:
@@ -162,7 +177,8 @@ def run(experiment, workdir: str, *, untrained: bool = False, output: str | None
       num_examples=(evaluator.NUM_EXAMPLES if chosen["num_examples"] is None
                     else chosen["num_examples"] or sys.maxsize),
       prompt_format=prompt_format, chat_template=data_config.chat_template,
-      image_split=SplitScheme.from_config(data_config))
+      image_split=SplitScheme.from_config(data_config),
+      perplexity_tasks=chosen["perplexity_tasks"], seq_len=data_config.seq_len)
   for task in chosen["tasks"]:
     first = next(iter(results[task].values()))
     if "vqa_accuracy" in first:  # A VQA task: add the blind baseline.

@@ -68,6 +68,9 @@ class EvalConfig:
   # "fewshot": MM1's k-shot prompts; "chat": 0-shot instructions in the run's
   # chat template (data.chat_template), for instruction-tuned models (shots=(0,)).
   prompt_format: str = "fewshot"
+  # Text tasks whose held-out "validation" split is scored by perplexity
+  # (mm1_jax/evaluation/perplexity.py), e.g. ("shakespeare_text",).
+  perplexity_tasks: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,9 +184,9 @@ def validate_eval(c: EvalConfig) -> None:
     raise ConfigError(f"eval.prompt_format: 'chat' prompts are 0-shot (an instruction, no "
                       f"demonstrations) but eval.shots is {c.shots!r}; set eval.shots=(0,), "
                       "or use prompt_format='fewshot' for k-shot prompts.")
-  if c.every_steps and not c.tasks:
+  if c.every_steps and not c.tasks and not c.perplexity_tasks:
     raise ConfigError(f"eval.tasks: empty, but eval.every_steps={c.every_steps} asks for "
-                      "evaluation; name the tasks or set every_steps=0.")
+                      "evaluation; name the tasks (or perplexity_tasks) or set every_steps=0.")
 
 
 def validate_mesh(c: MeshConfig) -> None:

@@ -66,7 +66,8 @@ def test_cli_writes_the_report_tensorboard_scalars_and_a_table(workdir):
                                 "num_examples": 1, "split": None,  # Each task's default:
                                 "eval_splits": {"easy_vqa_vqa": "test",
                                                 "easy_vqa_caption": "test"},
-                                "prompt_format": "fewshot", "chat_template": None}
+                                "prompt_format": "fewshot", "chat_template": None,
+                                "perplexity_tasks": []}
   vqa, captions = report["results"]["easy_vqa_vqa"], report["results"]["easy_vqa_caption"]
   assert set(vqa) == {"0shot", "question_prior"} and set(captions) == {"0shot"}
   assert vqa["0shot"]["num_queries"] == 2 and 0 <= vqa["0shot"]["vqa_accuracy"] <= 1

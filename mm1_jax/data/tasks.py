@@ -19,11 +19,13 @@ IMAGE_MARKER ("<image>"), in the same order as `images`; the converter
 expands it to the model's run of num_image_tokens placeholders.
 
 Tasks:   easy_vqa_caption, easy_vqa_interleaved, shakespeare_text, easy_vqa_vqa,
-          easy_vqa_vqa_documents, easy_vqa_mosaic_vqa, easy_vqa_mosaic_caption;
+          easy_vqa_vqa_documents, easy_vqa_mosaic_vqa, easy_vqa_mosaic_caption,
+          emoji_caption, emoji_vqa, emoji_interleaved;
           conversation tasks easy_vqa_chat, easy_vqa_chat_compare,
           easy_vqa_caption_chat, chatterbot_chat (mm1_jax/data/instruction_tasks.py)
 Mixtures: mm1_pretrain (interleaved 45 : caption 45 : text 10), MM1's
-          data-ablation mixtures, easy_vqa_sft, easy_vqa_mosaic_sft, and
+          data-ablation mixtures, easy_vqa_sft, easy_vqa_mosaic_sft,
+          emoji_pretrain (the same proportions over the emoji), emoji_sft, and
           llava_stage1 / visual_sft / visual_sft_text (see MIXTURES).
 """
 
@@ -40,13 +42,15 @@ import tensorflow_datasets as tfds
 from mm1_jax.data import instruction_tasks, sources, tokenizer
 # Imported to register the TFDS builders.
 from mm1_jax.data.sources import (  # noqa: F401
-    easy_vqa as _easy_vqa, easy_vqa_mosaic as _easy_vqa_mosaic, shakespeare as _shakespeare)
+    easy_vqa as _easy_vqa, easy_vqa_mosaic as _easy_vqa_mosaic, emoji as _emoji,
+    shakespeare as _shakespeare)
 
 tf.config.set_visible_devices([], "GPU")
 
 IMAGE_MARKER = "<image>"
 # Bundled TFDS builders.
 EASY_VQA, EASY_VQA_MOSAIC, SHAKESPEARE = "mm1_easy_vqa", "mm1_easy_vqa_mosaic", "mm1_shakespeare"
+EMOJI = "mm1_emoji"
 VOCABULARY = tokenizer.get_vocabulary()
 
 
@@ -107,6 +111,16 @@ def _easy_vqa_mosaic_source() -> seqio.TfdsDataSource:
       decoders={"image": tfds.decode.SkipDecoding()})
 
 
+def _emoji_source() -> seqio.TfdsDataSource:
+  """Noto emoji at 64 px (sources/emoji.py), split by base emoji. Its records carry
+  easy-vqa's image / caption (the emoji's name) / questions features, so the
+  caption and VQA preprocessors read them as they are."""
+  return seqio.TfdsDataSource(
+      tfds_name=f"{EMOJI}:1.0.0", tfds_data_dir=sources.default_data_dir(),
+      splits={"train": "train", "test": "test"},
+      decoders={"image": tfds.decode.SkipDecoding()})
+
+
 def caption_example(example):
   """One image, then its caption: "<image>" -> "a blue rectangle."."""
   return {"inputs": IMAGE_MARKER, "targets": example["caption"] + ".",
@@ -144,35 +158,75 @@ def _with_first_question(example):
           "color": example["color"], "question": question, "answer": answer}
 
 
-def _fill(template, example):
-  for key, field in (("{c}", "caption"), ("{shape}", "shape"), ("{color}", "color"),
-                     ("{question}", "question"), ("{answer}", "answer")):
+# Template placeholder -> the field of _with_first_question's output that fills it.
+_EASY_VQA_FIELDS = (("{c}", "caption"), ("{shape}", "shape"), ("{color}", "color"),
+                    ("{question}", "question"), ("{answer}", "answer"))
+
+
+def _fill(template, example, fields=_EASY_VQA_FIELDS):
+  for key, field in fields:
     template = tf.strings.regex_replace(template, key, example[field])
   return template
 
 
-def _document_segment(example):
+def _document_segment(example, before=_BEFORE, after=_AFTER, fields=_EASY_VQA_FIELDS):
+  """One image's text, 'before <image> after': templates picked by its id, filled from fields."""
   image_id = example["image_id"]
-  before = _fill(tf.gather(tf.constant(_BEFORE), image_id % len(_BEFORE)), example)
-  after = _fill(tf.gather(tf.constant(_AFTER), (image_id // 7) % len(_AFTER)), example)
+  before = _fill(tf.gather(tf.constant(before), image_id % len(before)), example, fields)
+  after = _fill(tf.gather(tf.constant(after), (image_id // 7) % len(after)), example, fields)
   return tf.strings.join([before, IMAGE_MARKER, after], separator=" ")
 
 
-def interleaved_documents(dataset: tf.data.Dataset) -> tf.data.Dataset:
+def interleaved_documents(dataset: tf.data.Dataset, image_fields=_with_first_question,
+                          segment=_document_segment) -> tf.data.Dataset:
   """Groups consecutive image records into documents of 1..MAX_DOC_IMAGES.
 
+  image_fields maps a record to scalars (at least "image" and "image_id"),
+  so records batch; segment maps those of one image to its text, one
+  IMAGE_MARKER in it. The defaults write easy-vqa documents.
   Deterministic: the group size comes from the first image's id.
   """
   def to_document(group):
     size = tf.cast(1 + group["image_id"][0] % MAX_DOC_IMAGES, tf.int32)
     segments = tf.map_fn(
-        lambda i: _document_segment(tf.nest.map_structure(lambda t: t[i], group)),
+        lambda i: segment(tf.nest.map_structure(lambda t: t[i], group)),
         tf.range(size), fn_output_signature=tf.string)
     return {"inputs": "", "targets": tf.strings.reduce_join(segments, separator=" "),
             "images": group["image"][:size]}
 
-  return dataset.map(_with_first_question).batch(MAX_DOC_IMAGES, drop_remainder=True).map(
-      to_document)
+  return dataset.map(image_fields).batch(MAX_DOC_IMAGES, drop_remainder=True).map(to_document)
+
+
+# Emoji documents: the name before the image, its category or subcategory after. The name
+# ends its sentence: skin-tone variants' names have colons and commas of their own.
+_EMOJI_BEFORE = (
+    "Here is the emoji for {name}.", "This emoji is called {name}.", "Next, {name}.",
+    "The emoji below shows {name}.", "Emoji: {name}.", "Emoji of the day: {name}.",
+)
+_EMOJI_AFTER = (
+    "It is in the {category} category.", "Category: {category}; subcategory: {subcategory}.",
+    "", "You will find it under {category}, with the {subcategory} emoji.",
+    "{Name} is one of the {category} emoji.", "Its subcategory is {subcategory}.",
+)
+_EMOJI_FIELDS = (("{name}", "name"), ("{Name}", "capitalized_name"), ("{category}", "category"),
+                 ("{subcategory}", "subcategory"))
+
+
+def _emoji_fields(example):
+  """The scalars of one emoji record that its document segment reads."""
+  return {"image": example["image"], "image_id": example["image_id"], "name": example["name"],
+          "capitalized_name": _capitalized(example["name"]), "category": example["category"],
+          "subcategory": example["subcategory"]}
+
+
+def _emoji_segment(example):
+  return _document_segment(example, _EMOJI_BEFORE, _EMOJI_AFTER, _EMOJI_FIELDS)
+
+
+def emoji_documents(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  """Interleaved documents of 1..MAX_DOC_IMAGES emoji: "Here is the emoji for grinning
+  face. <image> It is in the Smileys & Emotion category. Next, ...". Deterministic."""
+  return interleaved_documents(dataset, image_fields=_emoji_fields, segment=_emoji_segment)
 
 
 def vqa_examples(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -219,8 +273,8 @@ def text_example(example):
 # --- registration ------------------------------------------------------------
 
 TASKS = ("easy_vqa_caption", "easy_vqa_interleaved", "shakespeare_text", "easy_vqa_vqa",
-         "easy_vqa_vqa_documents", "easy_vqa_mosaic_vqa", "easy_vqa_mosaic_caption"
-         ) + instruction_tasks.TASKS
+         "easy_vqa_vqa_documents", "easy_vqa_mosaic_vqa", "easy_vqa_mosaic_caption",
+         "emoji_caption", "emoji_vqa", "emoji_interleaved") + instruction_tasks.TASKS
 
 # MM1's pre-training mixture and its data ablations (interleaved : caption : text).
 MIXTURES = {
@@ -238,6 +292,10 @@ MIXTURES = {
     # Questions about one cell of a 3 x 3 mosaic (192 px), and its every-cell caption: at a
     # 64 px encoder only high-resolution image splitting keeps the cells readable.
     "easy_vqa_mosaic_sft": {"easy_vqa_mosaic_vqa": 80, "easy_vqa_mosaic_caption": 20},
+    # Real drawings (Noto emoji) with human-written names: mm1_pretrain's proportions, and
+    # their category / subcategory questions.
+    "emoji_pretrain": {"emoji_interleaved": 45, "emoji_caption": 45, "shakespeare_text": 10},
+    "emoji_sft": {"emoji_vqa": 1},
     # Conversations (rendered with data.chat_template): llava_stage1, visual_sft,
     # visual_sft_text; see instruction_tasks.
     **instruction_tasks.MIXTURES,
@@ -265,6 +323,14 @@ def register_all(vocabulary: seqio.Vocabulary = VOCABULARY, suffix: str = "") ->
   }
   for name, preprocessors in easy_vqa_mosaic.items():
     seqio.TaskRegistry.add(name + suffix, source=_easy_vqa_mosaic_source(),
+                           preprocessors=preprocessors + postprocess, output_features=features)
+  emoji = {
+      "emoji_caption": [seqio.map_over_dataset(caption_example)],
+      "emoji_vqa": [vqa_examples],
+      "emoji_interleaved": [emoji_documents],
+  }
+  for name, preprocessors in emoji.items():
+    seqio.TaskRegistry.add(name + suffix, source=_emoji_source(),
                            preprocessors=preprocessors + postprocess, output_features=features)
   seqio.TaskRegistry.add(
       "shakespeare_text" + suffix,

@@ -21,6 +21,11 @@ prompts in the run's chat template (fewshot.ChatEvaluationSet: user
 answer ends at the template's stop ids and is scored as it is (the VQA
 metric normalises it). Its results key is "0shot_chat".
 
+perplexity_tasks (e.g. shakespeare_text) are scored by held-out text
+perplexity instead (perplexity.py: the task's validation split through the
+training pipeline): results[task]["perplexity"] = {"perplexity",
+"cross_entropy", "num_tokens", ...}, the text ability MM1's text data keeps.
+
 "examples" keeps the first few queries for people to read; `scalars`
 flattens the numbers for TensorBoard (eval/<task>/<k>shot/<metric>).
 
@@ -47,7 +52,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from mm1_jax.data.config import SplitScheme
-from mm1_jax.evaluation import decoding, fewshot, metrics
+from mm1_jax.evaluation import decoding, fewshot, metrics, perplexity
 from mm1_jax.experiment import PROMPT_FORMATS
 from mm1_jax.models.config import MM1Config
 
@@ -56,6 +61,11 @@ DEFAULT_MAX_NEW_TOKENS = {metrics.VQA: 8, metrics.CAPTION: 20}
 DEFAULT_TASKS = ("easy_vqa_vqa", "easy_vqa_caption")
 NUM_EXAMPLES = 3  # Queries kept per setting for people to read.
 FEWSHOT, CHAT = PROMPT_FORMATS  # eval.prompt_format: MM1's k-shot prompts, or a chat template.
+PERPLEXITY = "perplexity"  # The setting of a held-out text perplexity result.
+# Report fields that are counts, not metrics, and metrics not shown x 100.
+_NOT_METRICS = ("num_queries", "examples", "num_tokens", "num_sequences", "num_truncated",
+                "num_skipped")
+_UNSCALED = ("perplexity", "cross_entropy")
 
 
 def setting_name(num_shots: int, prompt_format: str = FEWSHOT) -> str:
@@ -129,6 +139,16 @@ def check_tasks(tasks: Sequence[str], shots: Sequence[int], *, eval_split: str |
         raise ValueError(f"task {task!r}: {most}-shot prompts need {most} demonstrations but "
                          f"its {train_split!r} split has {num_train} examples; use shots <= "
                          f"{num_train}.")
+
+
+def check_perplexity_tasks(tasks: Sequence[str], vocabulary_path: str = "") -> None:
+  """ValueError naming a perplexity task that is not registered or has no held-out split."""
+  for task in tasks:
+    registered = fewshot.get_task(task, vocabulary_path)  # Unknown names, named.
+    if perplexity.DEFAULT_SPLIT not in registered.splits:
+      raise ValueError(f"perplexity task {task!r} has no {perplexity.DEFAULT_SPLIT!r} split "
+                       f"(it has {sorted(registered.splits)}); perplexity is measured on text "
+                       "held out of training, e.g. shakespeare_text.")
 
 
 def _bucketed(length: int, bucket: int) -> int:
@@ -213,7 +233,8 @@ def evaluate(params: Any, model_config: MM1Config, tasks: Sequence[str] = DEFAUL
              image_start_end: bool = False, vocabulary_path: str = "",
              length_bucket: int = 64, num_examples: int = NUM_EXAMPLES,
              log: Callable[[str], None] | None = None, prompt_format: str = FEWSHOT,
-             chat_template: str = "", image_split: SplitScheme | None = None
+             chat_template: str = "", image_split: SplitScheme | None = None,
+             perplexity_tasks: Sequence[str] = (), seq_len: int = 256
              ) -> dict[str, dict[str, dict[str, Any]]]:
   """Greedy k-shot evaluation of every task at every shot count.
 
@@ -226,7 +247,9 @@ def evaluate(params: Any, model_config: MM1Config, tasks: Sequence[str] = DEFAUL
   (DEFAULT_MAX_NEW_TOKENS fills the rest). eval_split: default "test", else
   "validation". image_policy / image_start_end / vocabulary_path: as the
   training run's config.data; image_split: its SplitScheme.from_config(data)
-  (None: images not split). log: called with a line per setting.
+  (None: images not split). perplexity_tasks: text tasks scored by held-out
+  perplexity (setting "perplexity", sequences of seq_len: the run's
+  data.seq_len), after the few-shot tasks; `tasks` may then be empty. log: called with a line per setting.
   prompt_format: "fewshot" (MM1's k-shot prompts) or "chat" (0-shot
   instructions in chat_template, "" = the vocabulary's own: the run's
   data.chat_template; shots must be (0,)).
@@ -236,8 +259,10 @@ def evaluate(params: Any, model_config: MM1Config, tasks: Sequence[str] = DEFAUL
   ("0shot_chat" in the chat format). Raises ValueError (check_tasks)
   before decoding anything.
   """
-  check_tasks(tasks, shots, eval_split=eval_split, vocabulary_path=vocabulary_path,
-              prompt_format=prompt_format)
+  check_perplexity_tasks(perplexity_tasks, vocabulary_path)
+  if tasks or not perplexity_tasks:
+    check_tasks(tasks, shots, eval_split=eval_split, vocabulary_path=vocabulary_path,
+                prompt_format=prompt_format)
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
   results: dict[str, dict[str, dict[str, Any]]] = {}
@@ -259,6 +284,16 @@ def evaluate(params: Any, model_config: MM1Config, tasks: Sequence[str] = DEFAUL
                            if name not in ("num_queries", "examples"))
         log(f"eval {task} {setting}: {numbers} ({result['num_queries']} queries, "
             f"{time.perf_counter() - start:.0f} s)")
+  for task in perplexity_tasks:
+    start = time.perf_counter()
+    result = perplexity.text_perplexity(params, model_config, task, seq_len=seq_len,
+                                        batch_size=batch_size, max_sequences=max_queries,
+                                        vocabulary_path=vocabulary_path)
+    results[task] = {PERPLEXITY: {**result, "num_queries": result["num_sequences"]}}
+    if log:
+      log(f"eval {task} {PERPLEXITY}: {result['perplexity']:.3f} ({result['num_tokens']} tokens "
+          f"of {result['num_sequences']} {perplexity.DEFAULT_SPLIT} sequences, "
+          f"{time.perf_counter() - start:.0f} s)")
   return results
 
 
@@ -272,19 +307,20 @@ def scalars(results: Mapping[str, Mapping[str, Mapping[str, Any]]], prefix: str 
 
 
 def format_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
-  """A fixed-width table: one row per (task, setting), metrics x 100."""
+  """A fixed-width table: one row per (task, setting), metrics x 100 (perplexity as is)."""
   names = []
   for settings in results.values():
     for result in settings.values():
-      names += [n for n in result if n not in ("num_queries", "examples") and n not in names]
+      names += [n for n in result if n not in _NOT_METRICS and n not in names]
   header = f"{'task':<22} {'setting':<15} {'queries':>7}" + "".join(f" {n:>12}" for n in names)
   lines = [header, "-" * len(header)]
   for task, settings in results.items():
     for setting, result in settings.items():
-      cells = "".join(f" {100 * result[n]:12.2f}" if n in result else f" {'':>12}"
-                      for n in names)
+      cells = "".join(f" {(1 if n in _UNSCALED else 100) * result[n]:12.2f}" if n in result
+                      else f" {'':>12}" for n in names)
       lines.append(f"{task:<22} {setting:<15} {result.get('num_queries', ''):>7}{cells}")
-  lines.append("(metrics x 100: CIDEr as in papers, accuracies in %)")
+  lines.append("(metrics x 100: CIDEr as in papers, accuracies in %; perplexity and "
+               "cross_entropy (nats) as they are)")
   return "\n".join(lines)
 
 

