@@ -217,7 +217,8 @@ def main(argv):
   run(experiment, FLAGS.workdir, untrained=FLAGS.untrained, output=FLAGS.output,
       tasks=FLAGS.tasks, shots=shots, max_queries=FLAGS.max_queries,
       batch_size=FLAGS.batch_size, seed=FLAGS.seed, num_examples=FLAGS.num_examples,
-      split=FLAGS.split, prompt_format=FLAGS.prompt_format)
+      split=FLAGS.split, prompt_format=FLAGS.prompt_format,
+      perplexity_tasks=FLAGS.perplexity_tasks)
 
 
 if __name__ == "__main__":
