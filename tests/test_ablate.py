@@ -120,3 +120,22 @@ def test_bad_suites_are_refused(tmp_path):
   path.write_text("x = 1\n")
   with pytest.raises(ConfigError, match="has no get_suite"):
     load_suite(str(path))
+
+
+@pytest.mark.parametrize("path", ["configs/ablations/mm1_data.py",
+                                  "configs/ablations/mm1_data.py:emoji",
+                                  "configs/ablations/mm1_encoder.py",
+                                  "configs/ablations/mm1_encoder.py:emoji"])
+@pytest.mark.parametrize("preset", ["quick", "full"])
+def test_bundled_suites_name_what_is_registered(path, preset):
+  from mm1_jax.data import tasks
+  suite = load_suite(os.path.join(REPO, path), preset)
+  assert len(suite.variants) == 2 if preset == "quick" else len(suite.variants) >= 6
+  for variant in suite.variants:
+    mixture = {**suite.overrides, **variant.overrides}.get("data.mixture")
+    if mixture:
+      tasks.get_task_or_mixture(mixture)
+  for task, _ in suite.fewshot:
+    tasks.get_task_or_mixture(task)
+  with pytest.raises(ValueError, match="unknown dataset 'coco'"):
+    load_suite(os.path.join(REPO, path.split(":")[0]) + ":coco", preset)

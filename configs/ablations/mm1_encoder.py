@@ -8,6 +8,9 @@ pooling; the MLP connector keeps all 64 patches); 0-shot captioning
 (CIDEr) and 4- and 8-shot VQA.
 
     python -m mm1_jax.ablate --suite=configs/ablations/mm1_encoder.py --workdir=DIR
+
+`--suite=configs/ablations/mm1_encoder.py:emoji` pre-trains on emoji_pretrain
+(the Noto emoji) and evaluates emoji captioning and category VQA instead.
 """
 
 from mm1_jax.ablation.suite import Suite, Variant
@@ -16,8 +19,14 @@ CONNECTORS = (("C-Abstractor", "c_abstractor"), ("avg pool", "avg_pool"),
               ("attn pool", "attn_pool"))
 
 
-def get_suite(preset="full"):
+DATASETS = {"easy_vqa": "mm1_pretrain", "emoji": "emoji_pretrain"}
+
+
+def get_suite(preset="full", dataset="easy_vqa"):
+  if dataset not in DATASETS:
+    raise ValueError(f"mm1_encoder: unknown dataset {dataset!r}; use one of {list(DATASETS)}.")
   quick = preset == "quick"
+  caption, vqa = f"{dataset}_caption", f"{dataset}_vqa"
   variants = [Variant(f"{label} {tokens} tokens",
                       {"model.connector.kind": kind, "model.connector.num_image_tokens": tokens})
               for label, kind in CONNECTORS for tokens in (4, 16, 64)]
@@ -26,15 +35,15 @@ def get_suite(preset="full"):
   if quick:
     variants = [variants[0], variants[-1]]
   return Suite(
-      name="mm1_encoder",
+      name="mm1_encoder" + ("" if dataset == "easy_vqa" else f"_{dataset}"),
       description=__doc__.split("\n\n")[1],
       base="configs/tiny.py:dense",
       variants=tuple(variants),
       # ~4.5 minutes a run on 2 CPU cores: 10 variants x 2 seeds in ~90 minutes.
       num_steps=2 if quick else 200,
       seeds=(0,) if quick else (0, 1),
-      overrides={"optimizer.warmup_steps": 1 if quick else 20,
+      overrides={"data.mixture": DATASETS[dataset],
+                 "optimizer.warmup_steps": 1 if quick else 20,
                  "train.checkpoint_every": 2 if quick else 100},
-      fewshot=((("easy_vqa_caption", (0,)),) if quick else
-               (("easy_vqa_caption", (0,)), ("easy_vqa_vqa", (4, 8)))),
+      fewshot=(((caption, (0,)),) if quick else ((caption, (0,)), (vqa, (4, 8)))),
       max_queries=2 if quick else 100)

@@ -97,9 +97,11 @@ class Suite:
 
 
 def load_suite(path: str, preset: str = "full") -> Suite:
-  """The Suite of a suite file's get_suite(preset)."""
+  """The Suite of a suite file's get_suite(preset), or get_suite(preset, arg)
+  for "FILE:ARG" (e.g. configs/ablations/mm1_data.py:emoji)."""
   if preset not in PRESETS:
     raise ConfigError(f"--preset: unknown preset {preset!r}; use one of {PRESETS}.")
+  path, _, arg = path.partition(":")
   if not os.path.isfile(path):
     raise ConfigError(f"--suite: {path} is not a file; name a suite file, e.g. "
                       "configs/ablations/mm1_data.py.")
@@ -109,7 +111,7 @@ def load_suite(path: str, preset: str = "full") -> Suite:
   spec.loader.exec_module(module)
   if not hasattr(module, "get_suite"):
     raise ConfigError(f"--suite: {path} has no get_suite(preset) function.")
-  suite = module.get_suite(preset)
+  suite = module.get_suite(preset, arg) if arg else module.get_suite(preset)
   if not isinstance(suite, Suite):
     raise ConfigError(f"--suite: {path}'s get_suite returned {type(suite).__name__}, not a "
                       "mm1_jax.ablation.suite.Suite.")

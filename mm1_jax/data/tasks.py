@@ -296,6 +296,14 @@ MIXTURES = {
     # their category / subcategory questions.
     "emoji_pretrain": {"emoji_interleaved": 45, "emoji_caption": 45, "shakespeare_text": 10},
     "emoji_sft": {"emoji_vqa": 1},
+    # MM1's data ablations over the emoji (configs/ablations/mm1_data.py:emoji).
+    "emoji_caption_only": {"emoji_caption": 1},
+    "emoji_interleaved_only": {"emoji_interleaved": 1},
+    "emoji_interleaved_caption_50_50": {"emoji_interleaved": 50, "emoji_caption": 50},
+    "emoji_equal_33_33_33": {"emoji_interleaved": 33, "emoji_caption": 33,
+                             "shakespeare_text": 33},
+    "emoji_image_text_91_9": {"emoji_interleaved": 45.5, "emoji_caption": 45.5,
+                              "shakespeare_text": 9},
     # Conversations (rendered with data.chat_template): llava_stage1, visual_sft,
     # visual_sft_text; see instruction_tasks.
     **instruction_tasks.MIXTURES,
