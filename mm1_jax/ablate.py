@@ -47,7 +47,10 @@ def main(argv):
   print(f"suite {suite.name} ({_PRESET.value}): {len(suite.variants)} variants x "
         f"{len(suite.seeds)} seeds, {suite.num_steps} steps each; runs under "
         f"{os.path.join(_WORKDIR.value, 'runs')}", flush=True)
-  results = runner.run_suite(suite, _WORKDIR.value)
+  # The tables are rewritten after every run: a long suite can be read while it runs.
+  results = runner.run_suite(
+      suite, _WORKDIR.value,
+      on_result=lambda so_far: report.write(so_far, suite, _PRESET.value, _WORKDIR.value))
   written = report.write(results, suite, _PRESET.value, _WORKDIR.value)
   failed = sum(r["status"] != "done" for r in results)
   print(f"{len(results) - failed} runs done, {failed} failed; wrote "

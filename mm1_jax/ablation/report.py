@@ -80,7 +80,7 @@ def markdown(results: Sequence[dict], suite: Suite, preset: str) -> str:
     lines.append("")
   failed = [r for r in results if r.get("status") != "done"]
   if failed:
-    lines += ["## Failed runs", "", "| variant | seed | reason |", "|---|---|---|"]
+    lines += ["## Failed or pending runs", "", "| variant | seed | reason |", "|---|---|---|"]
     lines += [f"| {r['variant']} | {r['seed']} | {r.get('reason', 'not run')} |" for r in failed]
     lines.append("")
   return "\n".join(lines)

@@ -243,8 +243,13 @@ def execute(suite: Suite, run: Run, progress: Progress) -> dict:
   return result
 
 
-def run_suite(suite: Suite, workdir: str, out=None) -> list[dict]:
-  """Every run's result, running those not done yet (module docstring)."""
+def run_suite(suite: Suite, workdir: str, out=None,
+              on_result: Callable[[list[dict]], None] | None = None) -> list[dict]:
+  """Every run's result, running those not done yet (module docstring).
+
+  on_result: called with the results so far (runs not reached yet as
+  status "pending") after each run, e.g. to rewrite the tables.
+  """
   runs = runs_of(suite, workdir)
   progress = Progress(len(runs), suite.num_steps, out)
   results = []
@@ -258,4 +263,8 @@ def run_suite(suite: Suite, workdir: str, out=None) -> list[dict]:
     status = result["status"] + (f" ({result['reason']})" if result["status"] == "failed" else "")
     progress.finished(run, result["seconds"] if result["status"] == "done" else None, status)
     results.append(result)
+    if on_result:
+      pending = [{"variant": r.variant.label, "seed": r.seed, "directory": r.directory,
+                  "status": "pending", "reason": "not run yet"} for r in runs[len(results):]]
+      on_result(results + pending)
   return results
