@@ -1,19 +1,20 @@
 """Does high-resolution image splitting help where resolution decides? (issue 19)
 
     python benchmarks/highres_mosaic.py --workdir=/tmp/highres [--splits=none,mm1]
-        [--steps=600] [--max_queries=0]
+        [--pretrain_steps=300] [--steps=400] [--max_queries=0]
 
-The same tiny model (configs/tiny.py:mosaic) is trained from scratch, once
-per --splits value, the same number of steps on the same examples in the
-same order (one example per sequence), on the 192 px easy-vqa mosaics
-(easy_vqa_mosaic_sft: questions about one of 3 x 3 cells, captions of all
-cells). `none` shows the 64 px encoder the mosaic downscaled (~21 px per
-cell); `mm1` splits it into its 3 x 3 cells at full resolution plus the
-overview (10 image slots). Each run is then evaluated 0-shot on the test
-split of easy_vqa_mosaic_vqa (python -m mm1_jax.evaluate, every query), and
-the script prints VQA accuracy per question kind (colour, shape, yes/no) with
-95% Wilson intervals, next to the question-only prior. Runs and evaluations
-already in --workdir are reused (delete a variant's folder to redo it).
+First the tiny model (configs/tiny.py) learns single 64 px easy-vqa images
+(--pretrain_steps on easy_vqa_vqa, packed, from scratch). Then, from that
+checkpoint, once per --splits value (configs/tiny.py:mosaic), it is tuned the
+same --steps on the same mosaic questions in the same order (one example per
+sequence): 192 px mosaics of 3 x 3 easy-vqa images, each question about one
+named cell (easy_vqa_mosaic_vqa). `none` shows the 64 px encoder the mosaic
+downscaled (~21 px per cell); `mm1` splits it into its 3 x 3 cells at full
+resolution plus the overview (10 image slots). Each run is then evaluated
+0-shot on the test split (python -m mm1_jax.evaluate, every query), and the
+script prints VQA accuracy per question kind (colour, shape, yes/no) with 95%
+Wilson intervals, next to the question-only prior. Runs and evaluations
+already in --workdir are reused (delete a folder to redo it).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ TASK = "easy_vqa_mosaic_vqa"
 
 flags.DEFINE_string("workdir", None, "Where the runs and their evaluations go.")
 flags.DEFINE_list("splits", ["none", "mm1"], "data.image_split variants to compare.")
-flags.DEFINE_integer("steps", 600, "Training steps per variant.", lower_bound=1)
+flags.DEFINE_integer("pretrain_steps", 300, "Steps on single easy-vqa images first.",
+                     lower_bound=1)
+flags.DEFINE_integer("steps", 400, "Mosaic tuning steps per variant.", lower_bound=1)
 flags.DEFINE_integer("max_queries", 0, "Test queries to evaluate (0: all).", lower_bound=0)
 FLAGS = flags.FLAGS
 
@@ -66,9 +69,23 @@ def run(command: list[str], log_path: str) -> None:
   print(f"  {' '.join(command[2:4])} ... {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def train_and_evaluate(split: str) -> dict:
+def pretrain() -> str:
+  """The single-image run every variant starts from."""
+  workdir = os.path.join(FLAGS.workdir, "single_image")
+  if not os.path.exists(os.path.join(workdir, "done")):
+    os.makedirs(workdir, exist_ok=True)
+    print(f"single images: training {FLAGS.pretrain_steps} steps on easy_vqa_vqa", flush=True)
+    run([sys.executable, "-m", "mm1_jax.train", "--config=configs/tiny.py",
+         "--config.data.mixture=easy_vqa_vqa", f"--config.train.num_steps={FLAGS.pretrain_steps}",
+         f"--config.train.checkpoint_every={FLAGS.pretrain_steps}", f"--workdir={workdir}"],
+        os.path.join(workdir, "benchmark.log"))
+    open(os.path.join(workdir, "done"), "w").close()
+  return workdir
+
+
+def train_and_evaluate(split: str, start: str) -> dict:
   workdir = os.path.join(FLAGS.workdir, split)
-  config = f"--config=configs/tiny.py:mosaic,split={split}"
+  config = f"--config=configs/tiny.py:mosaic,split={split},from_workdir={start}"
   overrides = [f"--config.train.num_steps={FLAGS.steps}"]
   report_path = os.path.join(workdir, "mosaic_eval.json")
   if not os.path.exists(report_path):
@@ -89,8 +106,9 @@ def main(argv):
 
   rows = collections.OrderedDict()
   prior = None
+  start = pretrain()
   for split in FLAGS.splits:
-    report = train_and_evaluate(split)
+    report = train_and_evaluate(split, start)
     results = report["results"][TASK]
     prior = prior or results.get("question_prior")
     by_kind = collections.defaultdict(lambda: [0, 0])

@@ -16,13 +16,14 @@ from workdirs/tiny (or `from_workdir=DIR`):
     python -m mm1_jax.chat --config=configs/tiny.py:sft --workdir=workdirs/tiny_sft \
         --image=shape.png --prompt="What shape is this?"
 
-`--config=configs/tiny.py:mosaic,split=mm1` trains on the 192 px easy-vqa
-mosaics (questions about one of 3 x 3 cells; mm1_jax/data/sources/
-easy_vqa_mosaic.py) with each image split into 3 x 3 crops of 64 px + an
-overview (10 image slots, 160 image tokens); `split=none` shows the encoder
-the mosaic downscaled to 64 px, `split=anyres` lets LLaVA-NeXT's rule pick
-among 1 x 1, 2 x 2 and 3 x 3. One example per sequence, so every variant sees
-the same examples in the same order (benchmarks/highres_mosaic.py).
+`--config=configs/tiny.py:mosaic,split=mm1,from_workdir=DIR` fine-tunes a run
+that learned single easy-vqa images (DIR, e.g. trained on easy_vqa_vqa) on
+the 192 px easy-vqa mosaics' questions (one of 3 x 3 cells; mm1_jax/data/
+sources/easy_vqa_mosaic.py) with each image split into 3 x 3 crops of 64 px
++ an overview (10 image slots, 160 image tokens); `split=none` shows the
+encoder the mosaic downscaled to 64 px, `split=anyres` lets LLaVA-NeXT's rule
+pick among 1 x 1, 2 x 2 and 3 x 3. One example per sequence, so every
+variant sees the same examples in the same order (benchmarks/highres_mosaic.py).
 """
 
 from mm1_jax import config_lib
@@ -56,13 +57,15 @@ def get_config(arg=None):
     config.init_from = arg.from_workdir or "workdirs/tiny"
   if arg.mosaic:
     model.max_images = 10
-    config.data.update(mixture="easy_vqa_mosaic_sft", seq_len=320, pack=False,
+    config.data.update(mixture="easy_vqa_mosaic_vqa", seq_len=192, pack=False,
                        image_split=arg.split)
     if arg.split == "mm1":
       config.data.image_grids = ((3, 3),)
     elif arg.split == "anyres":
       config.data.image_grids = ((1, 1), (2, 2), (3, 3))
-    config.train.update(num_steps=600, checkpoint_every=200)
-    config.optimizer.update(warmup_steps=50)
+    config.train.update(num_steps=400, checkpoint_every=200)
+    config.optimizer.update(learning_rate=3e-4, warmup_steps=20)
     config.eval.update(tasks=("easy_vqa_mosaic_vqa",), shots=(0,), max_queries=0)
+    if arg.from_workdir:
+      config.init_from = arg.from_workdir
   return config
