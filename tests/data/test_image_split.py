@@ -295,3 +295,18 @@ def test_conversations_split_their_images_with_row_ends():
   assert not batch["decoder_loss_weights"][targets == 4096].any()
   assert batch["decoder_loss_weights"].sum() > 0
   source.close()
+
+
+def test_generate_reads_and_lays_out_split_images(tmp_path):
+  from mm1_jax import generate
+  path = tmp_path / "wide.png"
+  path.write_bytes(png(60, 200, seed=4)[0])
+  data = InputConfig(image_split="anyres", image_grids=((1, 3), (3, 1)))
+  [image] = generate.read_images([str(path)], MODEL, data)
+  assert image.layout == (1, 3) and image.slots.shape == (4, S, S, 3)
+  ids = tasks.VOCABULARY.encode("Describe <image> please")
+  tokens = generate.layout_prompt(ids, [image], MODEL, data, tasks.VOCABULARY)
+  assert np.count_nonzero(tokens == MODEL.image_placeholder_id) == 4 * MODEL.num_image_tokens
+  small = dataclasses.replace(MODEL, max_images=3)
+  with pytest.raises(generate.GenerateInputError, match="1 images in 4 sub-images"):
+    generate.layout_prompt(ids, [image], small, data, tasks.VOCABULARY)
