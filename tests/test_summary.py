@@ -26,5 +26,5 @@ def test_the_high_resolution_sft_is_summarised_with_its_image_tokens():
   assert run.model.encoder.image_size == 672 and run.model.num_image_tokens == 144
   text = summary.format_summary(run.model, 2048, 256, run.data)
   assert ("images     mm1 split, grid 2x2 of 672px crops + overview (up to 1344x1344px): up to "
-          "5 image slot(s) = 720 sequence tokens per image (144 per slot); 2 image(s) per "
-          "sequence at model.max_images=10") in text
+          "5 image slot(s) = 720 sequence tokens per image (144 per slot); 1 image(s) per "
+          "sequence at model.max_images=5") in text
