@@ -1,12 +1,33 @@
-"""Test session set-up: 8 virtual CPU devices, before JAX is imported."""
+"""Test session set-up: 8 virtual CPU devices, before JAX is imported.
 
+Compiling dominates the suite's CPU time, so every test and every command
+it starts (they inherit the environment) compiles with LLVM at -O0 (~40%
+less compile time) and shares one persistent compilation cache for the
+run: a program compiled again (the same tiny model in another test or
+process) is read back instead. Both are set only where the caller did not
+set them.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
+
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8").strip()
+xla_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in xla_flags:
+  xla_flags += " --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in xla_flags:
+  xla_flags += " " + FAST_COMPILE_FLAGS
+os.environ["XLA_FLAGS"] = xla_flags.strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The controller (or a run without xdist) makes the cache; xdist workers and
+# the commands tests start inherit it. Removed when the controller exits.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mm1_jax_test_jit_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 

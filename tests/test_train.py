@@ -125,30 +125,27 @@ def check_qlora_run(workdir, base_dir, base, tmp_path):
     trainer.restore_params(qlora_experiment(20, other_dir), str(workdir))
 
 
-@pytest.mark.parametrize("kind", ["full", "qlora"])
-def test_kill_minus_nine_and_resume_gives_identical_losses(tmp_path, kind):
-  """The acceptance of issue 4: 20 steps straight == 10 steps, kill -9 of the
-  real process, resume to 20 (checkpoints every 3 steps: resumes from 9).
-  QLoRA (issue 17): the checkpoints hold the adapters and the connector, the
-  NF4 base is rebuilt from init_from on resume; LoRA dropout draws its masks
-  from the restored RNG."""
-  straight, killed = tmp_path / "straight", tmp_path / "killed"
-  steps = 20
-  config, extra = "configs/tiny.py", []
-  if kind == "qlora":
-    base = write_float_llm(tmp_path / "base_llm", seed=3)
-    config, extra = QLORA_CONFIG, qlora_flags(tmp_path / "base_llm")
-  straight_run = subprocess.Popen(train_command(straight, steps, config) + extra, cwd=REPO,
-                                  env=single_device_env(), stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE)
-  process = subprocess.Popen(train_command(killed, steps, config) + extra, cwd=REPO,
-                             env=single_device_env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-  wait_for_step(killed, 10)  # Kill once step 10 is done: past the step-9 checkpoint.
+def kill_after_step(workdir, step, command):
+  """Starts `command`, SIGKILLs it once `step` is logged; its losses then."""
+  process = subprocess.Popen(command, cwd=REPO, env=single_device_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  wait_for_step(workdir, step)
   process.send_signal(signal.SIGKILL)
   process.wait()
-  assert max(losses(killed)) < steps  # Really killed mid-run.
-  subprocess.run(train_command(killed, steps, config) + extra, cwd=REPO,
+  return losses(workdir)
+
+
+def test_kill_minus_nine_and_resume_gives_identical_losses(tmp_path):
+  """The acceptance of issue 4: 20 steps straight == 10 steps, kill -9 of the
+  real process, resume to 20 (checkpoints every 3 steps: resumes from 9)."""
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  steps = 20
+  straight_run = subprocess.Popen(train_command(straight, steps), cwd=REPO,
+                                  env=single_device_env(), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE)
+  # Kill once step 10 is done: past the step-9 checkpoint.
+  assert max(kill_after_step(killed, 10, train_command(killed, steps))) < steps
+  subprocess.run(train_command(killed, steps), cwd=REPO,
                  env=single_device_env(), check=True, capture_output=True)
 
   errors = straight_run.communicate()[1].decode()
@@ -164,8 +161,29 @@ def test_kill_minus_nine_and_resume_gives_identical_losses(tmp_path, kind):
     logged = [json.loads(line)["step"] for line in f]
   # The resumed run replaced the lines of the steps after its checkpoint.
   assert logged == list(range(1, steps + 1))
-  if kind == "qlora":
-    check_qlora_run(killed, tmp_path / "base_llm", base, tmp_path)
+
+
+def test_qlora_kill_minus_nine_and_resume_recomputes_the_same_steps(tmp_path):
+  """QLoRA (issue 17): killed after step 10, resumed from its last
+  checkpoint (adapters and connector; the NF4 base rebuilt from init_from;
+  LoRA dropout's masks from the restored RNG), the resumed run's steps from
+  that checkpoint to where the kill fell equal the killed run's, to the bit. (A straight
+  run to compare all steps with is the test above's, on the full model.)"""
+  killed, base_dir = tmp_path / "killed", tmp_path / "base_llm"
+  base = write_float_llm(base_dir, seed=3)
+  command = train_command(killed, 14, QLORA_CONFIG) + qlora_flags(base_dir)
+  before = kill_after_step(killed, 10, command)
+  assert 10 <= max(before) < 14
+  checkpointer = checkpoint_lib.Checkpointer(str(killed), save_every=3, keep=3)
+  restored_step = checkpointer.latest_step()  # 9, or 12 for a late kill.
+  checkpointer.close()
+  subprocess.run(command, cwd=REPO, env=single_device_env(), check=True, capture_output=True)
+  after = losses(killed)
+  assert sorted(after) == list(range(1, 15))
+  recomputed = [step for step in before if step > restored_step]
+  assert recomputed, (before, restored_step)
+  np.testing.assert_array_equal([after[s] for s in recomputed], [before[s] for s in recomputed])
+  check_qlora_run(killed, base_dir, base, tmp_path)
 
 
 def test_sigterm_saves_and_exits(tmp_path):

@@ -27,12 +27,10 @@ import time
 from typing import Any, Callable, Sequence
 
 from mm1_jax.ablation.suite import Suite, Variant
+from mm1_jax.evaluation.metrics import REPORT_COUNT_FIELDS
 
 RESULT = "result.json"
 LOSS_LOG = "train_losses.jsonl"  # Written by the trainer (mm1_jax/training/trainer.py).
-# eval.json fields that are counts or text, not metrics.
-_NOT_METRICS = ("num_queries", "examples", "num_tokens", "num_sequences", "num_truncated",
-                "num_skipped")
 # The fraction of the last steps whose mean loss is the run's final loss.
 FINAL_LOSS_FRACTION = 0.1
 
@@ -117,7 +115,7 @@ def eval_metrics(report: dict) -> dict[str, float]:
   for task, settings in report["results"].items():
     for setting, result in settings.items():
       for name, value in result.items():
-        if name not in _NOT_METRICS and isinstance(value, (int, float)):
+        if name not in REPORT_COUNT_FIELDS and isinstance(value, (int, float)):
           metrics[f"{task}/{setting}/{name}"] = float(value)
   return metrics
 

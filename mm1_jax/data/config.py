@@ -167,10 +167,14 @@ class SplitScheme:
     return max(max(grid) for grid in self.grids)
 
 
+def scheme_slots(scheme: SplitScheme | None) -> int:
+  """Image slots (sub-images) one image takes at most; None: not split."""
+  return 1 if scheme is None else scheme.max_slots
+
+
 def slots_per_image(config: InputConfig) -> int:
   """Image slots (sub-images) one image takes at most under `config`."""
-  scheme = SplitScheme.from_config(config)
-  return 1 if scheme is None else scheme.max_slots
+  return scheme_slots(SplitScheme.from_config(config))
 
 
 def tokens_per_image(config: InputConfig, num_image_tokens: int) -> int:

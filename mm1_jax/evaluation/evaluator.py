@@ -51,7 +51,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from mm1_jax.data.config import SplitScheme
+from mm1_jax.data.config import SplitScheme, scheme_slots
 from mm1_jax.evaluation import decoding, fewshot, metrics, perplexity
 from mm1_jax.experiment import PROMPT_FORMATS
 from mm1_jax.models.config import MM1Config
@@ -62,9 +62,7 @@ DEFAULT_TASKS = ("easy_vqa_vqa", "easy_vqa_caption")
 NUM_EXAMPLES = 3  # Queries kept per setting for people to read.
 FEWSHOT, CHAT = PROMPT_FORMATS  # eval.prompt_format: MM1's k-shot prompts, or a chat template.
 PERPLEXITY = "perplexity"  # The setting of a held-out text perplexity result.
-# Report fields that are counts, not metrics, and metrics not shown x 100.
-_NOT_METRICS = ("num_queries", "examples", "num_tokens", "num_sequences", "num_truncated",
-                "num_skipped")
+# Metrics not shown x 100.
 _UNSCALED = ("perplexity", "cross_entropy")
 
 
@@ -195,7 +193,7 @@ def evaluate_setting(params: Any, model_config: MM1Config, task_name: str, num_s
   max_new_tokens = {**DEFAULT_MAX_NEW_TOKENS, **(max_new_tokens or {})}
   per_query = images_per_example(task_name, eval_split, vocabulary_path)
   config = eval_model_config(model_config, num_shots,
-                             per_query * fewshot.slots_per_image(image_split))
+                             per_query * scheme_slots(image_split))
   evaluation_set = evaluation_set_of(
       task_name, config, num_shots, seed, prompt_format=prompt_format,
       chat_template=chat_template, eval_split=eval_split, max_queries=max_queries,
@@ -311,7 +309,7 @@ def format_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
   names = []
   for settings in results.values():
     for result in settings.values():
-      names += [n for n in result if n not in _NOT_METRICS and n not in names]
+      names += [n for n in result if n not in metrics.REPORT_COUNT_FIELDS and n not in names]
   header = f"{'task':<22} {'setting':<15} {'queries':>7}" + "".join(f" {n:>12}" for n in names)
   lines = [header, "-" * len(header)]
   for task, settings in results.items():

@@ -59,7 +59,7 @@ import tensorflow as tf
 from mm1_jax.data import image_split as image_split_ops
 from mm1_jax.data import images as image_ops
 from mm1_jax.data import conversations, packing, sources, tasks, tokenizer
-from mm1_jax.data.config import SplitScheme
+from mm1_jax.data.config import SplitScheme, scheme_slots
 from mm1_jax.data.converter import MultimodalFeatureConverter
 from mm1_jax.data.image_split import expand_split_markers
 from mm1_jax.evaluation import metrics
@@ -289,11 +289,6 @@ def decode_images(encoded: Sequence[bytes], model: MM1Config, policy: str = "str
   return images.numpy(), layouts.numpy()
 
 
-def slots_per_image(image_split: SplitScheme | None) -> int:
-  """Image slots one image takes at most (its sub-images when split)."""
-  return 1 if image_split is None else image_split.max_slots
-
-
 # --- the evaluation set -----------------------------------------------------------
 
 class FewShotEvaluationSet:
@@ -340,7 +335,7 @@ class FewShotEvaluationSet:
     self.train = load_task_examples(task_name, train_split, vocabulary_path) if num_shots else ()
     first = self.queries[0]
     check_query_example(first, self.vocabulary, task_name)
-    check_image_capacity(num_shots, len(first.images) * slots_per_image(image_split),
+    check_image_capacity(num_shots, len(first.images) * scheme_slots(image_split),
                          model.max_images)
     self.kind = kind or infer_kind(
         first, self.vocabulary, has_answers_feature(task_name, self.eval_split, vocabulary_path))

@@ -32,6 +32,9 @@ from typing import Mapping, Sequence
 
 CAPTION, VQA = "caption", "vqa"
 KINDS = (CAPTION, VQA)
+# Fields of an evaluation report's result that are counts or text, not metrics.
+REPORT_COUNT_FIELDS = ("num_queries", "examples", "num_tokens", "num_sequences",
+                       "num_truncated", "num_skipped")
 
 MAX_NGRAM = 4
 # CIDEr-D's Gaussian length penalty: exp(-delta^2 / (2 sigma^2)).
