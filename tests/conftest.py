@@ -1,11 +1,10 @@
 """Test session set-up: 8 virtual CPU devices, before JAX is imported.
 
 Compiling dominates the suite's CPU time, so every test and every command
-it starts (they inherit the environment) compiles with LLVM at -O0 (~40%
-less compile time) and shares one persistent compilation cache for the
-run: a program compiled again (the same tiny model in another test or
-process) is read back instead. Both are set only where the caller did not
-set them.
+it starts (they inherit the environment) compiles with LLVM at -O0
+(process_env.py) and shares one persistent compilation cache for the run:
+a program compiled again (the same tiny model in another test or process)
+is read back instead. Both are set only where the caller did not set them.
 """
 
 import atexit
@@ -13,7 +12,7 @@ import os
 import shutil
 import tempfile
 
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+from process_env import FAST_COMPILE_FLAGS
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 xla_flags = os.environ.get("XLA_FLAGS", "")

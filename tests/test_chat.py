@@ -17,6 +17,7 @@ from mm1_jax.data import conversations, tokenizer
 from mm1_jax.data.conversations import ASSISTANT, SYSTEM, USER, Turn
 from mm1_jax.evaluation import decoding
 from mm1_jax.experiment import Experiment
+from process_env import one_device_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANSWER = "Blue."
@@ -227,7 +228,7 @@ def workdir(tmp_path_factory):
 def run_chat(*flags):
   return subprocess.run(
       [sys.executable, "-m", "mm1_jax.chat", *OVERRIDES, *flags], cwd=REPO,
-      env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True, timeout=300)
+      env=one_device_env(), capture_output=True, text=True, timeout=300)
 
 
 def test_cli_prompt_mode_prints_one_answer_per_prompt(workdir, image_path, tmp_path):

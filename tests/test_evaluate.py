@@ -19,6 +19,7 @@ from mm1_jax.evaluation import evaluator
 from mm1_jax.experiment import Experiment
 from mm1_jax.training import checkpoint as checkpoint_lib
 from mm1_jax.training import trainer
+from process_env import one_device_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,7 +56,7 @@ def test_cli_writes_the_report_tensorboard_scalars_and_a_table(workdir):
        "--config.data.seq_len=64", f"--workdir={workdir}", "--shots=0",
        "--tasks=easy_vqa_vqa,easy_vqa_caption", "--max_queries=2", "--batch_size=2",
        "--num_examples=1"],
-      cwd=REPO, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True,
+      cwd=REPO, env=one_device_env(), capture_output=True, text=True,
       timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, "eval", "step_7.json")) as f:

@@ -14,6 +14,7 @@ from mm1_jax.data import tokenizer
 from mm1_jax.experiment import Experiment
 from mm1_jax.evaluation import decoding
 from mm1_jax.training import checkpoint as checkpoint_lib
+from process_env import one_device_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "<image> Question: What shape is in the image? Answer:"
@@ -72,7 +73,7 @@ def test_generate_restores_the_checkpoint_and_continues(workdir, image_path):
       [sys.executable, "-m", "mm1_jax.generate", "--config=configs/tiny.py", *OVERRIDES,
        f"--workdir={workdir}", f"--image={image_path}", f"--prompt={PROMPT}",
        "--max_new_tokens=6"],
-      cwd=REPO, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True,
+      cwd=REPO, env=one_device_env(), capture_output=True, text=True,
       timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.rstrip("\n") == text
@@ -110,7 +111,7 @@ def test_bad_input_is_named(workdir, image_path, tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "mm1_jax.generate", "--config=configs/tiny.py",
        f"--workdir={workdir}", f"--image={missing}", f"--prompt={PROMPT}"],
-      cwd=REPO, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True,
+      cwd=REPO, env=one_device_env(), capture_output=True, text=True,
       timeout=300)
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == f"Error: image file not found: {missing}"

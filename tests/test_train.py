@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mm1_jax.training import checkpoint as checkpoint_lib
+from process_env import one_device_env
 from mm1_jax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,11 +42,6 @@ def train_command(workdir, num_steps, config="configs/tiny.py"):
           "--config.data.batch_size=2", "--config.train.peak_tflops=1.0"]
 
 
-def single_device_env():
-  env = dict(os.environ)
-  # One CPU device (the subprocess need not simulate 8); fast compiles as in conftest.py.
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-  return env
 
 
 QLORA = dict(rank=4, alpha=8.0, quantize="nf4", dropout=0.1)
@@ -127,7 +123,7 @@ def check_qlora_run(workdir, base_dir, base, tmp_path):
 
 def kill_after_step(workdir, step, command):
   """Starts `command`, SIGKILLs it once `step` is logged; its losses then."""
-  process = subprocess.Popen(command, cwd=REPO, env=single_device_env(),
+  process = subprocess.Popen(command, cwd=REPO, env=one_device_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   wait_for_step(workdir, step)
   process.send_signal(signal.SIGKILL)
@@ -141,12 +137,12 @@ def test_kill_minus_nine_and_resume_gives_identical_losses(tmp_path):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   steps = 20
   straight_run = subprocess.Popen(train_command(straight, steps), cwd=REPO,
-                                  env=single_device_env(), stdout=subprocess.DEVNULL,
+                                  env=one_device_env(), stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE)
   # Kill once step 10 is done: past the step-9 checkpoint.
   assert max(kill_after_step(killed, 10, train_command(killed, steps))) < steps
   subprocess.run(train_command(killed, steps), cwd=REPO,
-                 env=single_device_env(), check=True, capture_output=True)
+                 env=one_device_env(), check=True, capture_output=True)
 
   errors = straight_run.communicate()[1].decode()
   assert straight_run.returncode == 0, errors[-2000:]
@@ -177,7 +173,7 @@ def test_qlora_kill_minus_nine_and_resume_recomputes_the_same_steps(tmp_path):
   checkpointer = checkpoint_lib.Checkpointer(str(killed), save_every=3, keep=3)
   restored_step = checkpointer.latest_step()  # 9, or 12 for a late kill.
   checkpointer.close()
-  subprocess.run(command, cwd=REPO, env=single_device_env(), check=True, capture_output=True)
+  subprocess.run(command, cwd=REPO, env=one_device_env(), check=True, capture_output=True)
   after = losses(killed)
   assert sorted(after) == list(range(1, 15))
   recomputed = [step for step in before if step > restored_step]
@@ -188,7 +184,7 @@ def test_qlora_kill_minus_nine_and_resume_recomputes_the_same_steps(tmp_path):
 
 def test_sigterm_saves_and_exits(tmp_path):
   command = train_command(tmp_path, 1000)
-  process = subprocess.Popen(command, cwd=REPO, env=single_device_env(),
+  process = subprocess.Popen(command, cwd=REPO, env=one_device_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
   try:
     wait_for_step(tmp_path, 2)
@@ -228,7 +224,7 @@ def test_sigterm_while_the_input_pipeline_is_stuck_exits_in_bounded_time(tmp_pat
   job within the grace period, without saving a mid-read data position."""
   workdir = tmp_path / "run"
   command = [sys.executable, "-c", STUCK_PIPELINE] + train_command(workdir, 1000)[3:]
-  process = subprocess.Popen(command, cwd=REPO, env=single_device_env(),
+  process = subprocess.Popen(command, cwd=REPO, env=one_device_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   try:
     wait_for_step(workdir, 4)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import tensorflow as tf
+from process_env import one_device_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,7 +33,7 @@ def test_training_evaluates_every_n_steps(tmp_path):
       "--config.data.batch_size=2", "--config.eval.every_steps=2",
       "--config.eval.tasks=('easy_vqa_caption',)", "--config.eval.shots=(0,)",
       "--config.eval.max_queries=4", "--config.eval.batch_size=4"]
-  result = subprocess.run(command, cwd=REPO, env={**os.environ, "XLA_FLAGS": ""},
+  result = subprocess.run(command, cwd=REPO, env=one_device_env(),
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.count("eval easy_vqa_caption 0shot: cider") == 2, result.stdout

@@ -13,8 +13,8 @@ from mm1_jax.training import checkpoint as checkpoint_lib
 from mm1_jax.training import trainer
 
 
-def tiny_config(num_steps=3, checkpoint_every=1, **mesh):
-  config = tiny.get_config()
+def tiny_config(num_steps=3, checkpoint_every=1, kind="moe", **mesh):
+  config = tiny.get_config(kind)
   config.data.update(batch_size=8, seq_len=64)
   # peak_tflops (for MFU only) skips the startup matmul measurement.
   config.train.update(num_steps=num_steps, log_every=1, checkpoint_every=checkpoint_every,
@@ -51,8 +51,8 @@ def test_losses_do_not_depend_on_the_mesh(tmp_path):
 def test_nan_loss_stops_names_a_good_checkpoint_and_a_restart_trains_on(tmp_path):
   """Divergence with a checkpoint every step: the checkpoint whose next loss is
   not finite is deleted, the one named is good, and a restart with a sane
-  learning rate trains on from it."""
-  config = tiny_config(num_steps=20)
+  learning rate trains on from it. (The dense model: the quickest to compile.)"""
+  config = tiny_config(num_steps=20, kind="dense")
   config.optimizer.update(learning_rate=1e6, grad_clip_norm=0.0)
   with pytest.raises(trainer.NonFiniteLossError, match=r"(loss|gradient norm) is (nan|inf) at step "
                                                         r"(\d+); stopping without saving") as error:
@@ -69,7 +69,7 @@ def test_nan_loss_stops_names_a_good_checkpoint_and_a_restart_trains_on(tmp_path
   assert int(state["step"]) == good
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
 
-  sane = tiny_config(num_steps=good + 2)
+  sane = tiny_config(num_steps=good + 2, kind="dense")
   sane.optimizer.grad_clip_norm = 0.0  # Only the learning rate changes (same optimizer state).
   metrics = trainer.train(Experiment.from_config(sane), str(tmp_path))
   assert np.isfinite(metrics["loss"])
@@ -83,12 +83,12 @@ def test_nan_loss_stops_names_a_good_checkpoint_and_a_restart_trains_on(tmp_path
 
   # A config of another shape in the same workdir: refused, nothing written.
   listing = sorted((p, p.stat().st_mtime) for p in tmp_path.rglob("*"))
-  other = tiny_config(num_steps=good + 1)
+  other = tiny_config(num_steps=good + 1, kind="dense")
   other.optimizer.grad_clip_norm = 0.0
   other.model.llm.mlp_dim = 384
   with pytest.raises(checkpoint_lib.CheckpointMismatchError,
-                     match=r"params/llm/blocks/layer_0/mlp/gate/kernel: checkpoint \(2, 128, 256\) "
-                           r"vs config \(2, 128, 384\)"):
+                     match=r"params/llm/blocks/layer_0/mlp/gate/kernel: checkpoint \(4, 128, 256\) "
+                           r"vs config \(4, 128, 384\)"):
     trainer.train(Experiment.from_config(other), str(tmp_path))
   assert sorted((p, p.stat().st_mtime) for p in tmp_path.rglob("*")) == listing
 
