@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from mm1_jax.training import checkpoint as checkpoint_lib
-from process_env import one_device_env
 from mm1_jax.training import trainer
+from process_env import one_device_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,8 +40,6 @@ def train_command(workdir, num_steps, config="configs/tiny.py"):
           "--config.train.log_every=1", "--config.train.checkpoint_every=3",
           "--config.optimizer.warmup_steps=2", "--config.data.seq_len=64",
           "--config.data.batch_size=2", "--config.train.peak_tflops=1.0"]
-
-
 
 
 QLORA = dict(rank=4, alpha=8.0, quantize="nf4", dropout=0.1)
@@ -160,11 +158,11 @@ def test_kill_minus_nine_and_resume_gives_identical_losses(tmp_path):
 
 
 def test_qlora_kill_minus_nine_and_resume_recomputes_the_same_steps(tmp_path):
-  """QLoRA (issue 17): killed after step 10, resumed from its last
+  """QLoRA (issue 17): killed after step 10 and resumed from its last
   checkpoint (adapters and connector; the NF4 base rebuilt from init_from;
   LoRA dropout's masks from the restored RNG), the resumed run's steps from
-  that checkpoint to where the kill fell equal the killed run's, to the bit. (A straight
-  run to compare all steps with is the test above's, on the full model.)"""
+  that checkpoint to the kill equal the killed run's, to the bit. (The test
+  above compares every step with a straight run, on the full model.)"""
   killed, base_dir = tmp_path / "killed", tmp_path / "base_llm"
   base = write_float_llm(base_dir, seed=3)
   command = train_command(killed, 14, QLORA_CONFIG) + qlora_flags(base_dir)
