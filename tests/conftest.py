@@ -31,3 +31,22 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The files that take longest (minutes each: real training processes, 8-device
+# compiles) start first, so the two xdist workers (`--dist loadfile`) finish
+# together instead of one running them alone at the end.
+SLOW_FILES_FIRST = (
+    "tests/launch/test_launch_local.py",
+    "tests/test_train.py",
+    "tests/training/test_trainer.py",
+    "tests/test_workdir_io.py",
+    "tests/training/test_lora_training.py",
+    "tests/test_ablate.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {path: index for index, path in enumerate(SLOW_FILES_FIRST)}
+  relative = lambda item: os.path.relpath(str(item.path), str(config.rootpath))
+  # A stable sort: the other files, and the tests in each file, keep their order.
+  items.sort(key=lambda item: rank.get(relative(item), len(rank)))
