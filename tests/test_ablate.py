@@ -22,8 +22,9 @@ SUITE = "configs/ablations/mm1_data.py"
 # command, ~2 minutes of the suite's time); tables of several variants are
 # checked on failed runs, which cost no training.
 ONE_RUN_SUITE = """
-from configs.ablations import mm1_data
 import dataclasses
+
+from configs.ablations import mm1_data
 
 def get_suite(preset="quick"):
   suite = mm1_data.get_suite("quick")

@@ -18,6 +18,7 @@ import pytest
 
 from mm1_jax import convert, paths
 from mm1_jax.training import checkpoint
+from process_env import one_device_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUDIT = os.path.join(REPO, "tests", "workdir_io_audit.py")
@@ -33,10 +34,7 @@ def audited(watched, *program, name="run"):
   """Runs `program` (-m MODULE ARGS... or -c CODE) under the audit hook;
   returns (the finished process, its violations)."""
   report = os.path.join(os.path.dirname(watched), f"{name}.violations.json")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             # One CPU device (nothing here needs 8); fast compiles.
-             XLA_FLAGS="--xla_backend_optimization_level=0 "
-                       "--xla_llvm_disable_expensive_passes=true")
+  env = one_device_env(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   result = subprocess.run([sys.executable, AUDIT, report, str(watched), *program], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
   with open(report) as f:

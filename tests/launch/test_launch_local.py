@@ -22,6 +22,7 @@ import numpy as np
 from launch import common
 from mm1_jax.training import checkpoint as checkpoint_lib
 from mm1_jax.training import trainer
+from process_env import FAST_COMPILE_FLAGS, one_device_env
 
 REPO = common.REPO
 RECORD_ARGV = os.path.join(REPO, "tests", "launch", "record_argv.py")
@@ -128,9 +129,7 @@ def tiny_job(workdir, num_steps, *launcher_flags):
 
 def test_two_processes_train_checkpoint_and_resume(tmp_path):
   workdir, at_step_3 = tmp_path / "run", tmp_path / "run_at_step_3"
-  # Compiling dominates a 3-step run: LLVM at -O0 takes ~40% less CPU time.
-  fast_compile = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-  env = dict(os.environ, XLA_FLAGS=fast_compile)
+  env = one_device_env()  # The launcher gives each process its 2 devices.
   first = launch(*tiny_job(workdir, 3), env=env)
   assert first.returncode == 0, first.stdout + first.stderr
   log_0 = (workdir / "logs" / "process_0.log").read_text()
@@ -149,7 +148,7 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
   shutil.copytree(workdir, at_step_3)
   result_path = tmp_path / "resume_1x4.json"
   single_env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
-      f"--xla_force_host_platform_device_count=4 {fast_compile}"))
+      f"--xla_force_host_platform_device_count=4 {FAST_COMPILE_FLAGS}"))
   single_env.pop("JAX_COMPILATION_CACHE_DIR", None)
   single = subprocess.Popen(
       [sys.executable, RESUME_ON_ONE_PROCESS, f"--workdir={at_step_3}",
