@@ -8,9 +8,10 @@ A suite file (configs/ablations/) names a base experiment, labelled variants
 (mm1_jax/ablation/suite.py). Each variant x seed is an ordinary training run
 under DIR/runs/<variant>/seed_<n> (`python -m mm1_jax.train`, then `python -m
 mm1_jax.evaluate`), one after another on this machine's devices
-(mm1_jax/ablation/runner.py). Start the same command again after an
-interruption: finished runs are skipped and interrupted ones resume from
-their checkpoints. One progress line follows the whole suite; each run's own
+(mm1_jax/ablation/runner.py); a suite of fine-tuning variants trains its
+pretrain run (DIR/pretrain) first and starts every variant from it. Start
+the same command again after an interruption: finished runs are skipped and
+interrupted ones resume from their checkpoints. One progress line follows the whole suite; each run's own
 output goes to its train.log / evaluate.log.
 
 Outputs (mm1_jax/ablation/report.py): DIR/results.json (every metric of every
@@ -44,7 +45,9 @@ def main(argv):
   if _SEEDS.value is not None:
     suite = suite.with_seeds(_SEEDS.value)
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  print(f"suite {suite.name} ({_PRESET.value}): {len(suite.variants)} variants x "
+  first = (f"{suite.pretrain.label} ({suite.pretrain.num_steps} steps) first, then "
+           if suite.pretrain else "")
+  print(f"suite {suite.name} ({_PRESET.value}): {first}{len(suite.variants)} variants x "
         f"{len(suite.seeds)} seeds, {suite.num_steps} steps each; runs under "
         f"{os.path.join(_WORKDIR.value, 'runs')}", flush=True)
   # The tables are rewritten after every run: a long suite can be read while it runs.

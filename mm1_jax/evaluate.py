@@ -28,9 +28,11 @@ Only 0-shot: shots > 0 are refused (pass --shots=0). Its setting is
 "0shot_chat", and its report step_{step}_chat.json.
 
 --perplexity_tasks (default config.eval.perplexity_tasks) scores text tasks
-by held-out perplexity (their validation split, sequences of data.seq_len:
-mm1_jax/evaluation/perplexity.py), e.g. shakespeare_text, whose validation
-plays are never trained on; with --tasks= (empty) only those are evaluated.
+by held-out perplexity (their validation split, else test; sequences of
+data.seq_len: mm1_jax/evaluation/perplexity.py), e.g. shakespeare_text, whose
+validation plays are never trained on, or chatterbot_chat's test dialogues
+(rendered with the run's chat template, scored on the answers); with
+--tasks= (empty) only those are evaluated.
 
 Writes a JSON report (default {workdir}/eval/step_{step}.json, or
 step_0_untrained.json) with the metrics, example answers per setting (3, or
@@ -159,8 +161,8 @@ def run(experiment, workdir: str, *, untrained: bool = False, output: str | None
   # The split each task is evaluated on, and the chat template, for the report.
   chosen["eval_splits"] = {task: split or fewshot.default_eval_split(task, vocabulary_path)
                            for task in chosen["tasks"]}
-  chosen["eval_splits"].update(dict.fromkeys(chosen["perplexity_tasks"],
-                                             perplexity.DEFAULT_SPLIT))
+  chosen["eval_splits"].update({task: perplexity.held_out_split(task, vocabulary_path)
+                               for task in chosen["perplexity_tasks"]})
   chosen["chat_template"] = (chat_template_name(experiment) if prompt_format == evaluator.CHAT
                              else None)
   if untrained:

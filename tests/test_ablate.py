@@ -1,6 +1,8 @@
-"""The ablation harness: a quick suite end to end, resumed, its tables equal to its runs;
-intervals against scipy; a failing run reported, not fatal."""
+"""The ablation harness: a quick suite end to end, resumed, its tables equal to its runs and
+its costs to the trainer's count; intervals against scipy; a failing run reported, not
+fatal; a suite's pretrain run trained first and every variant started from it."""
 
+import dataclasses
 import json
 import os
 import re
@@ -13,7 +15,7 @@ from PIL import Image
 from scipy import stats
 
 from mm1_jax.ablation import report, runner
-from mm1_jax.ablation.suite import Suite, Variant, load_suite
+from mm1_jax.ablation.suite import Pretrain, Suite, Variant, load_suite
 from mm1_jax.typed_config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +50,20 @@ def suite_dir(tmp_path_factory):
   return workdir / "suite", suite_path, result.stdout
 
 
+def tiny_dense_parameters():
+  import jax
+  from configs import tiny
+  from mm1_jax import config_lib
+  from mm1_jax.models.multimodal import MM1Model
+  model = config_lib.mm1_config(tiny.get_config("dense"))
+  size = model.encoder.image_size
+  shapes = jax.eval_shape(
+      MM1Model(model).init, jax.random.key(0), np.zeros((1, 8), np.int32),
+      np.zeros((1, model.max_images, size, size, 3), np.uint8),
+      np.zeros((1, model.max_images), bool))
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes["params"]))
+
+
 def table_rows(markdown, metric):
   """{variant: (mean, per-seed text)} of one metric's table in results.md."""
   section = markdown.split(f"## {metric} ")[1].split("\n## ")[0]
@@ -74,7 +90,17 @@ def test_a_suite_writes_tables_and_plots_of_its_runs(suite_dir):
       assert json.load(f)["metrics"] == run["metrics"]
     metrics = run["metrics"]
     assert {"train/final_loss", "easy_vqa_caption/0shot/cider",
-            "shakespeare_text/perplexity/perplexity"} <= set(metrics)
+            "shakespeare_text/perplexity/perplexity", "cost/trainable_params_M",
+            "cost/peak_memory_GiB"} <= set(metrics)
+    # 2 steps logged every 10: no window timed, so no step time.
+    assert "cost/step_time_s" not in metrics
+    with open(os.path.join(run["directory"], "train_summary.json")) as f:
+      summary = json.load(f)
+    assert summary["step"] == 2 and summary["memory_measure"] == "host peak resident memory"
+    # Every parameter of the dense tiny model trains (nothing frozen in pre-training).
+    assert summary["trainable_parameters"] == tiny_dense_parameters()
+    assert metrics["cost/trainable_params_M"] == summary["trainable_parameters"] / 1e6
+    assert 0.2 < metrics["cost/peak_memory_GiB"] < 16
     for metric in ("train/final_loss", "shakespeare_text/perplexity/perplexity"):
       mean, per_seed = table_rows(markdown, metric)[run["variant"]]
       assert mean == per_seed == report._format(metrics[metric])
@@ -109,6 +135,40 @@ def test_a_failing_run_is_reported_and_the_suite_goes_on(tmp_path, monkeypatch):
   assert "| bad connector | 0 | train: Error: model.connector.kind" in markdown
 
 
+def test_variants_start_from_the_pretrain_run(tmp_path, monkeypatch):
+  suite = Suite(name="from_stage_1", base="configs/tiny.py:dense,sft", num_steps=2,
+                pretrain=Pretrain("configs/tiny.py:dense", 3, {"optimizer.warmup_steps": 1}),
+                variants=(Variant("full"), Variant("LoRA r=8", {"model.lora.rank": 8})),
+                seeds=(0, 1), fewshot=(("easy_vqa_vqa", (0,)),), prompt_format="chat")
+  pretrain = runner.pretrain_run(suite, str(tmp_path))
+  assert pretrain.directory == str(tmp_path / "pretrain") and pretrain.name == "stage 1"
+  assert runner.config_flags(suite, pretrain) == [
+      "--config=configs/tiny.py:dense", "--config.optimizer.warmup_steps=1",
+      "--config.train.num_steps=3", "--config.train.seed=0", "--config.data.seed=0"]
+  runs = runner.runs_of(suite, str(tmp_path))
+  assert [(r.variant.label, r.seed) for r in runs] == [("full", 0), ("LoRA r=8", 0),
+                                                       ("full", 1), ("LoRA r=8", 1)]
+  for run in runs:
+    flags = runner.config_flags(suite, run)
+    assert flags[:2] == ["--config=configs/tiny.py:dense,sft",
+                         f"--config.init_from={tmp_path / 'pretrain'}"]
+    assert f"--config.train.seed={run.seed}" in flags
+  ((_, command),) = runner.evaluate_commands(suite, runs[0])
+  assert "--prompt_format=chat" in command and "--shots=0" in command
+
+  # A pretrain run that fails fails every variant, with its reason; none is started.
+  broken = dataclasses.replace(
+      suite, pretrain=Pretrain("configs/tiny.py:dense", 3, {"model.connector.kind": "bogus"}))
+  monkeypatch.chdir(REPO)
+  results = runner.run_suite(broken, str(tmp_path), out=open(os.devnull, "w"))
+  assert [r["status"] for r in results] == ["failed"] * 4
+  assert all(r["reason"].startswith("stage 1 failed: train: Error: model.connector.kind")
+             for r in results)
+  assert not (tmp_path / "runs").exists()
+  with pytest.raises(ConfigError, match="prompt_format 'chat' asks 0-shot only"):
+    dataclasses.replace(suite, fewshot=(("easy_vqa_vqa", (0, 4)),))
+
+
 @pytest.mark.parametrize("values", [[1.0, 2.0, 4.0], [0.3, 0.5], [2.0] * 5 + [3.0]])
 def test_intervals_are_student_t(values):
   mean, half = report.mean_interval(values)
@@ -134,20 +194,24 @@ def test_bad_suites_are_refused(tmp_path):
     load_suite(str(path))
 
 
-@pytest.mark.parametrize("path", ["configs/ablations/mm1_data.py",
-                                  "configs/ablations/mm1_data.py:emoji",
-                                  "configs/ablations/mm1_encoder.py",
-                                  "configs/ablations/mm1_encoder.py:emoji"])
+@pytest.mark.parametrize("path,full_variants", [
+    ("configs/ablations/mm1_data.py", 6), ("configs/ablations/mm1_data.py:emoji", 6),
+    ("configs/ablations/mm1_encoder.py", 10), ("configs/ablations/mm1_encoder.py:emoji", 10),
+    ("configs/ablations/llava_peft.py", 4), ("configs/ablations/llava_mixing.py", 2)])
 @pytest.mark.parametrize("preset", ["quick", "full"])
-def test_bundled_suites_name_what_is_registered(path, preset):
+def test_bundled_suites_name_what_is_registered(path, full_variants, preset):
   from mm1_jax.data import tasks
   suite = load_suite(os.path.join(REPO, path), preset)
-  assert len(suite.variants) == 2 if preset == "quick" else len(suite.variants) >= 6
-  for variant in suite.variants:
-    mixture = {**suite.overrides, **variant.overrides}.get("data.mixture")
+  assert len(suite.variants) == (2 if preset == "quick" else full_variants)
+  stages = [(suite.overrides, variant.overrides) for variant in suite.variants]
+  if suite.pretrain:
+    stages.append((suite.pretrain.overrides, {}))
+  for overrides, variant_overrides in stages:
+    mixture = {**overrides, **variant_overrides}.get("data.mixture")
     if mixture:
       tasks.get_task_or_mixture(mixture)
-  for task, _ in suite.fewshot:
+  for task in [task for task, _ in suite.fewshot] + list(suite.perplexity_tasks):
     tasks.get_task_or_mixture(task)
-  with pytest.raises(ValueError, match="unknown dataset 'coco'"):
-    load_suite(os.path.join(REPO, path.split(":")[0]) + ":coco", preset)
+  if ":" in path:
+    with pytest.raises(ValueError, match="unknown dataset 'coco'"):
+      load_suite(os.path.join(REPO, path.split(":")[0]) + ":coco", preset)

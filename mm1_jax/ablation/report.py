@@ -27,6 +27,7 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 # Metrics where lower is better (the tables say so).
 LOWER_IS_BETTER = ("final_loss", "perplexity", "cross_entropy")
+COST_PREFIX = "cost/"  # What a run cost (runner.cost_metrics): neither better nor worse.
 
 
 def mean_interval(values: Sequence[float]) -> tuple[float, float | None]:
@@ -61,12 +62,20 @@ def markdown(results: Sequence[dict], suite: Suite, preset: str) -> str:
   if suite.description:
     lines += [suite.description, ""]
   done = sum(r.get("status") == "done" for r in results)
-  lines += [f"Base `{suite.base}`, {suite.num_steps} steps, seeds {list(suite.seeds)}; "
+  start = ""
+  if suite.pretrain is not None:
+    start = (f"Every variant starts from one {suite.pretrain.label} run (`{suite.pretrain.base}`"
+             f", {suite.pretrain.num_steps} steps, seed 0). ")
+  lines += [f"{start}Base `{suite.base}`, {suite.num_steps} steps, seeds {list(suite.seeds)}; "
             f"{done} of {len(results)} runs done. Mean over seeds with its 95% confidence "
             "interval (Student t; none with one seed).", ""]
   for metric, by_variant in metric_table(results, suite).items():
-    better = "lower is better" if metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER else (
-        "higher is better")
+    if metric.startswith(COST_PREFIX):
+      better = "cost"
+    elif metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER:
+      better = "lower is better"
+    else:
+      better = "higher is better"
     lines += [f"## {metric} ({better})", "", "| variant | mean | 95% interval | n | per seed |",
               "|---|---|---|---|---|"]
     for label, values in by_variant.items():
@@ -150,6 +159,10 @@ def write(results: Sequence[dict], suite: Suite, preset: str, workdir: str) -> d
   with open(paths["results.json"], "w") as f:
     json.dump({"suite": suite.name, "preset": preset, "base": suite.base,
                "num_steps": suite.num_steps, "seeds": list(suite.seeds),
+               "pretrain": suite.pretrain and {"label": suite.pretrain.label,
+                                               "base": suite.pretrain.base,
+                                               "num_steps": suite.pretrain.num_steps,
+                                               "overrides": dict(suite.pretrain.overrides)},
                "variants": [{"label": v.label, "overrides": dict(v.overrides)}
                             for v in suite.variants],
                "runs": list(results)}, f, indent=1)

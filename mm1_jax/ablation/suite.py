@@ -19,6 +19,11 @@ Each variant x seed is one ordinary run: `python -m mm1_jax.train
 --config=BASE` with the variant's overrides (as --config.KEY=VALUE flags),
 train.seed and data.seed set to the seed and train.num_steps to num_steps,
 then `python -m mm1_jax.evaluate` of its last checkpoint.
+
+A suite of fine-tuning variants (full vs LoRA, SFT mixtures) starts them all
+from one checkpoint: `pretrain=Pretrain("configs/tiny.py:dense", 300)` trains
+that run once (seed 0) before the grid, and every variant gets its workdir as
+init_from.
 """
 
 from __future__ import annotations
@@ -47,6 +52,26 @@ class Variant:
 
 
 @dataclasses.dataclass(frozen=True)
+class Pretrain:
+  """The run every variant starts from (their init_from), trained once.
+
+  base: a config file (with its argument); overrides: config key -> value;
+  label: how progress lines and tables name it.
+  """
+  base: str
+  num_steps: int
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  label: str = "stage 1"
+
+  @property
+  def variant(self) -> Variant:
+    return Variant(self.label, self.overrides)
+
+
+PROMPT_FORMATS = ("fewshot", "chat")
+
+
+@dataclasses.dataclass(frozen=True)
 class Suite:
   """What to run and how to score it (module docstring).
 
@@ -54,7 +79,9 @@ class Suite:
   overrides: applied to every variant (before the variant's own).
   fewshot: (task, shot counts) pairs for mm1_jax.evaluate; perplexity_tasks:
   text tasks scored by held-out perplexity; max_queries: queries per
-  few-shot setting and sequences per perplexity task (0: all).
+  few-shot setting and sequences per perplexity task (0: all);
+  prompt_format: how the evaluator asks ("chat": the run's chat template,
+  0 shots only); pretrain: a run trained once that every variant starts from.
   """
   name: str
   base: str
@@ -65,6 +92,8 @@ class Suite:
   fewshot: tuple[tuple[str, tuple[int, ...]], ...] = ()
   perplexity_tasks: tuple[str, ...] = ()
   max_queries: int = 100
+  prompt_format: str = "fewshot"
+  pretrain: Pretrain | None = None
   description: str = ""
 
   def __post_init__(self):
@@ -81,6 +110,15 @@ class Suite:
     if not self.seeds or len(set(self.seeds)) != len(self.seeds):
       raise ConfigError(f"suite {self.name!r}: seeds must be distinct and at least one, got "
                         f"{self.seeds!r}.")
+    if self.prompt_format not in PROMPT_FORMATS:
+      raise ConfigError(f"suite {self.name!r}: unknown prompt_format {self.prompt_format!r}; "
+                        f"use one of {PROMPT_FORMATS}.")
+    if self.prompt_format == "chat" and any(shots != (0,) for _, shots in self.fewshot):
+      raise ConfigError(f"suite {self.name!r}: prompt_format 'chat' asks 0-shot only; got "
+                        f"fewshot {self.fewshot!r} (give shots (0,)).")
+    if self.pretrain is not None and self.pretrain.num_steps < 1:
+      raise ConfigError(f"suite {self.name!r}: pretrain.num_steps must be >= 1, got "
+                        f"{self.pretrain.num_steps}.")
     if not self.fewshot and not self.perplexity_tasks:
       raise ConfigError(f"suite {self.name!r}: nothing to evaluate; give fewshot tasks or "
                         "perplexity_tasks.")

@@ -142,11 +142,8 @@ def check_tasks(tasks: Sequence[str], shots: Sequence[int], *, eval_split: str |
 def check_perplexity_tasks(tasks: Sequence[str], vocabulary_path: str = "") -> None:
   """ValueError naming a perplexity task that is not registered or has no held-out split."""
   for task in tasks:
-    registered = fewshot.get_task(task, vocabulary_path)  # Unknown names, named.
-    if perplexity.DEFAULT_SPLIT not in registered.splits:
-      raise ValueError(f"perplexity task {task!r} has no {perplexity.DEFAULT_SPLIT!r} split "
-                       f"(it has {sorted(registered.splits)}); perplexity is measured on text "
-                       "held out of training, e.g. shakespeare_text.")
+    fewshot.get_task(task, vocabulary_path)  # Unknown names, named.
+    perplexity.held_out_split(task, vocabulary_path)
 
 
 def _bucketed(length: int, bucket: int) -> int:
@@ -286,11 +283,13 @@ def evaluate(params: Any, model_config: MM1Config, tasks: Sequence[str] = DEFAUL
     start = time.perf_counter()
     result = perplexity.text_perplexity(params, model_config, task, seq_len=seq_len,
                                         batch_size=batch_size, max_sequences=max_queries,
-                                        vocabulary_path=vocabulary_path)
+                                        vocabulary_path=vocabulary_path,
+                                        chat_template=chat_template)
     results[task] = {PERPLEXITY: {**result, "num_queries": result["num_sequences"]}}
     if log:
       log(f"eval {task} {PERPLEXITY}: {result['perplexity']:.3f} ({result['num_tokens']} tokens "
-          f"of {result['num_sequences']} {perplexity.DEFAULT_SPLIT} sequences, "
+          f"of {result['num_sequences']} "
+          f"{perplexity.held_out_split(task, vocabulary_path)} sequences, "
           f"{time.perf_counter() - start:.0f} s)")
   return results
 

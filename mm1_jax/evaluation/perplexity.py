@@ -4,13 +4,18 @@
     result["perplexity"], result["num_tokens"]
 
 MM1 keeps 10% text-only data in pre-training to keep the model's text
-ability; this measures it instead of assuming it. The task's evaluation split
-(shakespeare_text: "validation", the plays Julius Caesar and The Tempest,
-never trained on) goes through the training input pipeline (tokenised and
-laid out exactly as in training, one passage per sequence, no packing, in
-order, once), and the score is exp(mean next-token cross-entropy over every
-target token), the loss weights' tokens (padding excluded). A passage longer
-than seq_len is cut there, as training cuts it; the counts say how many.
+ability; this measures it instead of assuming it. The task's held-out split
+(held_out_split: "validation", else "test"; shakespeare_text: "validation",
+the plays Julius Caesar and The Tempest, never trained on) goes through the
+training input pipeline (tokenised and laid out exactly as in training, one
+passage per sequence, no packing, in order, once), and the score is
+exp(mean next-token cross-entropy over every target token), the loss
+weights' tokens (padding excluded). A passage longer than seq_len is cut
+there, as training cuts it; the counts say how many.
+
+A conversation task (chatterbot_chat: text-only dialogues, "test" held out)
+is rendered with the run's chat template and scored on its assistant turns,
+exactly the tokens a chat fine-tuning run trains on.
 """
 
 from __future__ import annotations
@@ -27,7 +32,20 @@ from mm1_jax.data.config import InputConfig
 from mm1_jax.models.config import MM1Config
 from mm1_jax.models.multimodal import MM1Model
 
-DEFAULT_SPLIT = "validation"
+HELD_OUT_SPLITS = ("validation", "test")  # The first one a task has is scored.
+
+
+def held_out_split(task: str, vocabulary_path: str = "") -> str:
+  """The split perplexity scores: "validation" if the task has one, else
+  "test"; ValueError naming the task's splits when it has neither."""
+  from mm1_jax.data import tasks as tasks_lib  # SeqIO: only for evaluations that read data.
+  splits = tasks_lib.get_task_or_mixture(tasks_lib.with_vocabulary(task, vocabulary_path)).splits
+  for split in HELD_OUT_SPLITS:
+    if split in splits:
+      return split
+  raise ValueError(f"perplexity task {task!r} has no held-out split (it has {sorted(splits)}, "
+                   f"none of {list(HELD_OUT_SPLITS)}); perplexity is measured on text held out "
+                   "of training, e.g. shakespeare_text.")
 
 
 @functools.lru_cache(maxsize=8)
@@ -49,22 +67,26 @@ def _sum_nll(model_config: MM1Config):
 
 
 def text_perplexity(params: Any, model_config: MM1Config, task: str, *,
-                    split: str = DEFAULT_SPLIT, seq_len: int = 256, batch_size: int = 8,
-                    max_sequences: int | None = None, vocabulary_path: str = ""
-                    ) -> dict[str, Any]:
+                    split: str | None = None, seq_len: int = 256, batch_size: int = 8,
+                    max_sequences: int | None = None, vocabulary_path: str = "",
+                    chat_template: str = "") -> dict[str, Any]:
   """Perplexity of a text task's held-out split.
 
   params: the model's 'params' tree. task: a registered SeqIO task or
-  mixture of text (shakespeare_text). max_sequences: the first N passages
-  (None: all). Returns {"perplexity", "cross_entropy" (nats per token),
-  "num_tokens", "num_sequences", "num_truncated" (cut at seq_len),
-  "num_skipped" (bad records, as training counts them)}. Raises ValueError when the
-  split yields no target token.
+  mixture of text (shakespeare_text) or of text conversations
+  (chatterbot_chat, rendered with chat_template: the run's
+  data.chat_template). split: default held_out_split(task). max_sequences:
+  the first N passages (None: all). Returns {"perplexity", "cross_entropy"
+  (nats per token), "num_tokens", "num_sequences", "num_truncated" (cut at
+  seq_len), "num_skipped" (bad records, as training counts them)}.
+  Raises ValueError when the split yields no target token.
   """
   from mm1_jax.data import pipeline  # TensorFlow: only for evaluations that read data.
 
+  split = split or held_out_split(task, vocabulary_path)
   config = InputConfig(mixture=task, split=split, batch_size=batch_size, seq_len=seq_len,
-                       pack=False, shuffle=False, num_epochs=1, vocabulary=vocabulary_path)
+                       pack=False, shuffle=False, num_epochs=1, vocabulary=vocabulary_path,
+                       chat_template=chat_template)
   source = pipeline.MultimodalInput(config, model_config, process_index=0, process_count=1)
   run = _sum_nll(model_config)
   total_nll, total_tokens, num_sequences = 0.0, 0.0, 0

@@ -45,6 +45,19 @@ def device_peak_tflops(override: float | None = None) -> tuple[float, str]:
   return measure_matmul_peak(), f"measured float32 matmul on {kind}"
 
 
+def peak_memory() -> tuple[int, str]:
+  """(peak bytes, what was measured) of this process's run so far: the first
+  local device's peak_bytes_in_use where the backend reports it (GPU, TPU),
+  else the process's peak resident host memory (the CPU backend keeps its
+  arrays in host memory and reports no device statistics)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+  import resource  # pylint: disable=import-outside-toplevel
+  # ru_maxrss is in KiB on Linux.
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host peak resident memory"
+
+
 def format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   hours, rest = divmod(seconds, 3600)
@@ -58,7 +71,7 @@ class Reporter:
   report (the trainer's log window): the loss of a single step of a mixed
   stream swings too much to read. Step time, throughput and MFU are the wall
   time between two reports over their steps. `last_scalars` keeps what the
-  last report wrote.
+  last report wrote, `step_times` every measured window's step time.
   """
 
   def __init__(self, workdir: str, num_steps: int, flops_per_step: float, peak_tflops: float,
@@ -69,6 +82,7 @@ class Reporter:
     self.num_devices = jax.device_count()
     self._last_time, self._last_step = None, None
     self.last_scalars: dict[str, float] = {}
+    self.step_times: list[float] = []
 
   def report(self, step: int, metrics: dict[str, float], tokens: int, extra: dict[str, float]
              ) -> str:
@@ -82,6 +96,7 @@ class Reporter:
     scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
     scalars.update(extra)
     if np.isfinite(step_time):
+      self.step_times.append(step_time)
       tflops = self.flops_per_step / step_time / 1e12 / self.num_devices
       scalars.update(step_time=step_time, tokens_per_second=tokens / step_time,
                      tflops_per_device=tflops, mfu=tflops / self.peak)

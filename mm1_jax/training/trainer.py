@@ -43,6 +43,8 @@ from mm1_jax.typed_config import ConfigError
 LOSS_LOG = "train_losses.jsonl"  # One {"step", "loss"} line per step (process 0).
 CONFIG_FILE = "config.json"  # The resolved config, as run.
 EVAL_DIR = "eval"  # Evaluation reports during training: eval/step_{N}.json.
+# What a run cost, rewritten at the end of each invocation (write_train_summary).
+TRAIN_SUMMARY = "train_summary.json"
 PREFETCH_DEPTH = 2  # Global batches prepared ahead of the running step.
 
 
@@ -411,6 +413,24 @@ def _diverged(checkpointer, name: str, value: float, step: int, window_start: in
           f"step since step {window_start - 1}).{removed} Now {resume}.")
 
 
+def write_train_summary(workdir: str, step: int, trainable_parameters: int,
+                        step_times: list[float]) -> dict[str, Any]:
+  """Writes workdir/train_summary.json: what this invocation of the run cost.
+
+  step: the last step trained; trainable_parameters: count_trainable;
+  step_time_median_s: the median over the log windows timed in this
+  invocation (the first window, which compiles, is never timed); peak memory
+  from metrics.peak_memory (device, or host memory on CPU).
+  """
+  peak_bytes, measure = metrics_lib.peak_memory()
+  summary = {"step": step, "trainable_parameters": trainable_parameters,
+             "step_time_median_s": float(np.median(step_times)) if step_times else None,
+             "timed_windows": len(step_times), "peak_memory_bytes": peak_bytes,
+             "memory_measure": measure}
+  paths.write_json(paths.as_path(workdir) / TRAIN_SUMMARY, summary)
+  return summary
+
+
 def train(experiment: Experiment, workdir: str) -> dict[str, Any]:
   """Trains `experiment` in `workdir`; returns the scalars of the last report
   (metrics averaged over its log window, step_time, tokens_per_second, mfu)."""
@@ -504,6 +524,9 @@ def train(experiment: Experiment, workdir: str) -> dict[str, Any]:
   if batches.consistent:  # Not stuck in a read (closing would wait for it).
     data_source.close()
   reporter.flush()
+  if jax.process_index() == 0 and done > first_step:  # A finished run's restart keeps it.
+    write_train_summary(workdir, done, count_trainable(experiment, state["params"]),
+                        reporter.step_times)
   say(data_source.health.end_of_run_report())
   say(f"Done at step {done}. Checkpoints: {checkpointer.directory}; metrics: "
       f"{paths.as_path(workdir)} (TensorBoard events, {LOSS_LOG}); config: "
