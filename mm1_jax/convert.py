@@ -54,6 +54,20 @@ names of HF Llama / Mistral / Qwen2; dense LLMs only):
 A run whose checkpoints hold only what trained rebuilds its base from the
 config's init_from (checked against the saved fingerprint) for both.
 
+Hugging Face export: the LLM of a training run's checkpoint as a transformers
+directory (LlamaForCausalLM, Qwen2ForCausalLM with q/k/v biases, or
+MixtralForCausalLM when every layer is MoE: conversion/hf_export.py):
+
+    python -m mm1_jax.convert --to=hf --workdir=workdirs/run [--step=N] \
+        --output=exported/run [--dtype=bfloat16] [--lora_as=merged|peft]
+    # transformers.AutoModelForCausalLM.from_pretrained("exported/run")
+
+config.json, generation_config.json (the run's vocabulary's end-of-sequence
+id) and safetensors weights, sharded with an index above 5 GB, written
+tensor by tensor. A LoRA run exports merged (default), or with
+--lora_as=peft its base LLM plus the adapters as a peft directory in
+{output}/adapter.
+
 QLoRA: --nf4 writes a converted LLM with the base weights of the linears
 --nf4_targets selects (default: every linear of its layer stack, as
 model.lora.targets' default) quantised to NF4, tensor by tensor, exactly as a
@@ -105,6 +119,16 @@ def define_flags() -> None:
   flags.DEFINE_bool("lora_export", False, "--source is a LoRA training run (workdir or step "
                     "directory): write its LLM adapters as a Hugging Face peft adapter "
                     "directory (adapter_config.json + adapter_model.safetensors).")
+  flags.DEFINE_enum("to", None, ["hf"], "Export the training run --workdir (its LLM) to this "
+                    "format: hf = a transformers directory.")
+  flags.DEFINE_string("workdir", None, "With --to=hf: the training run to export.")
+  flags.DEFINE_integer("step", None, "With --to=hf: the checkpoint step (default: the newest).",
+                       lower_bound=0)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "With --to=hf: the stored "
+                    "weights' dtype.")
+  flags.DEFINE_enum("lora_as", "merged", ["merged", "peft"], "With --to=hf, a LoRA run: merge "
+                    "the adapters into the LLM, or write the base LLM and the adapters as a "
+                    "peft directory ({output}/adapter).")
 
 
 def source_format(source: str) -> str:
@@ -247,10 +271,10 @@ def _run_workdir(source: str):
                    f"{{workdir}}/{checkpoint.CHECKPOINTS_DIR}/{{step}}.")
 
 
-def load_lora_run(source: str):
-  """The model config, params and step directory of a LoRA run's checkpoint
+def load_run(source: str):
+  """The model config, params and experiment of a training run's checkpoint
   (`source`: its workdir, i.e. the newest step, or a step directory), read
-  on the host. The run's {workdir}/config.json gives the experiment; a
+  on the host. The run's {workdir}/config.json gives the experiment; a LoRA
   checkpoint holding only what trained gets its base rebuilt from the
   config's init_from and checked (trainer.load_run_params, as evaluate and
   generate do). Returns (MM1Config, params, experiment)."""
@@ -271,15 +295,21 @@ def load_lora_run(source: str):
   values = {**json.loads(config_path.read_text()), "mesh": {}}
   experiment = Experiment.from_config(values, num_devices=1, check_init_from=False,
                                       mixture_has_images=lambda *_: True)
-  if not experiment.model.lora.enabled:
-    raise ValueError(f"--source={source}: the run's config has model.lora.rank=0 (no adapters); "
-                     "its checkpoint is already plain: pass it to init_from as it is.")
   # On the host: a merge needs no accelerator, and the whole tree fits there.
   cpu_mesh = sharding.make_mesh({"data": 1}, devices=jax.devices("cpu")[:1])
   train_step, _ = trainer.build(experiment, mesh=cpu_mesh)
   item_dir, _ = checkpoint._params_location(paths.as_path(source))  # pylint: disable=protected-access
   params = trainer.load_run_params(experiment, train_step, str(item_dir.parent))
   return experiment.model, jax.device_get(params), experiment
+
+
+def load_lora_run(source: str):
+  """load_run of a run with LoRA adapters; ValueError for a plain run."""
+  model, params, experiment = load_run(source)
+  if not model.lora.enabled:
+    raise ValueError(f"--source={source}: the run's config has model.lora.rank=0 (no adapters); "
+                     "its checkpoint is already plain: pass it to init_from as it is.")
+  return model, params, experiment
 
 
 def merge_lora_run(source: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -316,6 +346,57 @@ def export_lora_run(source: str, output: str) -> int:
   return len(tensors)
 
 
+def step_source(workdir: str, step: int | None) -> str:
+  """The checkpoint to read: workdir (its newest step), or its step directory."""
+  from mm1_jax import paths
+  from mm1_jax.training import checkpoint
+  if step is None:
+    return workdir
+  step_dir = paths.as_path(workdir) / checkpoint.CHECKPOINTS_DIR / str(step)
+  if not step_dir.is_dir():
+    saved = sorted(int(p.name) for p in (paths.as_path(workdir) / checkpoint.CHECKPOINTS_DIR
+                                         ).iterdir() if p.name.isdigit()) if (
+        paths.as_path(workdir) / checkpoint.CHECKPOINTS_DIR).is_dir() else []
+    raise FileNotFoundError(f"--step={step}: {workdir} has no checkpoint of that step (saved "
+                            f"steps: {saved or 'none'}).")
+  return str(step_dir)
+
+
+def export_run_to_hf(source: str, output: str, dtype: str = "float32",
+                     lora_as: str = "merged") -> dict[str, Any]:
+  """Writes the LLM of a training run's checkpoint (`source`: workdir or step
+  directory) as a transformers directory (conversion/hf_export.py); a LoRA
+  run merged, or (lora_as="peft") its base plus a peft adapter directory in
+  {output}/adapter. Returns a description: the HF config and what was written."""
+  from mm1_jax.conversion import hf_export, hf_llm, peft_lora
+  from mm1_jax.data import tokenizer
+  from mm1_jax.models import lora
+
+  model, params, experiment = load_run(source)
+  hf_llm.hf_model_type(model.llm)  # An LLM transformers cannot hold fails before writing.
+  adapters = None
+  if model.lora.enabled:
+    if lora_as == "peft":
+      if model.lora.quantized:
+        raise ValueError(f"--workdir={source}: a QLoRA run's base is NF4, which a float "
+                         "transformers model does not hold; export it merged (--lora_as=merged).")
+      adapters = peft_lora.export_peft_adapters(params["llm"], model.llm, model.lora)
+      params = lora.without_lora(params)
+    else:
+      params = lora.merge_lora(params, model.lora)
+  vocabulary = tokenizer.get_vocabulary(experiment.data.vocabulary)
+  values = hf_export.export_llm(
+      params["llm"], model.llm, output, dtype=dtype,
+      max_position_embeddings=experiment.data.seq_len, eos_token_id=int(vocabulary.eos_id))
+  written = {"llm": output}
+  if adapters is not None:
+    adapter_dir = os.path.join(output, "adapter")
+    peft_lora.write_peft_adapter_dir(adapter_dir, adapters, model.lora,
+                                     base_model_name_or_path=output)
+    written["adapter"] = adapter_dir
+  return {"config": values, "written": written}
+
+
 def write_merged(output: str, params: dict[str, Any], description: dict[str, Any]) -> None:
   """Saves a merged (plain) params tree to `output` (which must not exist) and
   the description of the merge next to it."""
@@ -350,10 +431,41 @@ def _main_lora_merge(FLAGS) -> None:
         f"adapters) and --config.init_from={FLAGS.output}")
 
 
+def _main_export(FLAGS) -> None:
+  if FLAGS.to != "hf":
+    raise ValueError(f"--to={FLAGS.to}: the export formats are: hf.")
+  if not FLAGS.workdir or FLAGS.source:
+    raise ValueError("--to=hf exports a training run: give --workdir=RUN (not --source).")
+  other = [f"--{name}" for name in ("vocab_size", "image_size", "feature_layer")
+           if getattr(FLAGS, name) is not None] + [
+               f"--{name}" for name in ("lora_merge", "lora_export", "nf4") if getattr(FLAGS, name)]
+  if other:
+    raise ValueError(f"{', '.join(other)}: not used by --to=hf, which keeps the run's "
+                     "architecture; drop it.")
+  from mm1_jax import paths
+  if paths.is_remote(FLAGS.output):
+    raise ValueError(f"--output={FLAGS.output}: --to=hf writes a local directory (transformers "
+                     "reads local files); copy it to a bucket afterwards.")
+  description = export_run_to_hf(step_source(FLAGS.workdir, FLAGS.step), FLAGS.output,
+                                 FLAGS.dtype, FLAGS.lora_as)
+  architecture = description["config"]["architectures"][0]
+  adapter = description["written"].get("adapter")
+  print(f"Wrote the LLM of {FLAGS.workdir} as a transformers {architecture} ({FLAGS.dtype}) to "
+        f"{FLAGS.output}; load with transformers.AutoModelForCausalLM.from_pretrained("
+        f"{FLAGS.output!r})" + (f", its adapters with peft.PeftModel.from_pretrained(model, "
+                                f"{adapter!r})" if adapter else "") + ".")
+
+
 def main(argv: Sequence[str]) -> None:
   cli.start(argv)
   FLAGS = flags.FLAGS
   _check_new(FLAGS.output)  # Before minutes of conversion, not after.
+  if FLAGS.to:
+    _main_export(FLAGS)
+    return
+  if not FLAGS.source:
+    raise ValueError("--source is required: a Hugging Face directory, .gguf, .onnx or a "
+                     "packaged alias (or --to=hf --workdir=RUN to export a run).")
   if FLAGS.lora_export:
     _main_lora_export(FLAGS)
     return
@@ -383,5 +495,5 @@ if __name__ == "__main__":
   from mm1_jax.conversion.params_builder import ConversionError
   define_flags()
   # ValueError / KeyError: a source whose tensors or metadata the importer cannot use.
-  cli.run(main, required=["source", "output"],
+  cli.run(main, required=["output"],
           extra_errors=(ConversionError, ValueError, KeyError, FileExistsError))

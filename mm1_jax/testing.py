@@ -57,6 +57,14 @@ def random_params(config: MM1Config, seed: int = 0, stddev: float = 0.05) -> dic
       jax.random.key(0), np.zeros((1, 4), np.int32),
       np.zeros((1, config.max_images, size, size, 3), np.uint8),
       np.zeros((1, config.max_images), bool))))["params"]
+  return random_tree(abstract, seed, stddev)
+
+
+def random_tree(abstract, seed: int = 0, stddev: float = 0.05) -> dict:
+  """numpy arrays shaped like the abstract params tree `abstract` (e.g.
+  jax.eval_shape of an init): norm scales 1, everything else N(0, stddev)."""
+  import jax
+
   rng = np.random.default_rng(seed)
 
   def one(path, leaf):

@@ -1,0 +1,55 @@
+"""mm1_jax -> Hugging Face transformers directories.
+
+    export_llm(params["llm"], model_config.llm, "exported/llm", dtype="bfloat16")
+
+writes what `LlamaForCausalLM.from_pretrained` (or Qwen2ForCausalLM,
+MixtralForCausalLM: hf_llm.hf_model_type) reads: config.json,
+generation_config.json and the weights as safetensors, sharded with an index
+when they exceed max_shard_bytes (safetensors_writer). The tensor names and
+layouts are the importer's own table read backwards (hf_llm.export_decoder),
+so a checkpoint imported from Hugging Face exports to identical tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+from mm1_jax.conversion import hf_llm, safetensors_writer
+from mm1_jax.models.config import DecoderConfig
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def _write_json(path: str, value: Mapping[str, Any]) -> None:
+  with open(path, "w") as f:
+    json.dump(value, f, indent=2)
+    f.write("\n")
+
+
+def export_llm(params: Mapping[str, Any], config: DecoderConfig, output: str, *,
+               dtype: str = "float32",
+               max_shard_bytes: int = safetensors_writer.DEFAULT_MAX_SHARD_BYTES,
+               max_position_embeddings: int = 4096, bos_token_id: int | None = None,
+               eos_token_id: int | None = None) -> dict[str, Any]:
+  """Writes the LLM `params` (a Decoder(config)'s tree, host numpy arrays) as a
+  transformers causal-LM directory `output`. Returns its config.json values.
+
+  dtype: "float32" | "bfloat16", of the stored weights. bos / eos token ids:
+  the run's vocabulary's, for generation_config.json (generate stops at eos).
+  Raises ConversionError (before writing anything) for an LLM no transformers
+  class holds.
+  """
+  values = hf_llm.hf_config_dict(config, dtype=dtype,
+                                 max_position_embeddings=max_position_embeddings,
+                                 bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+  os.makedirs(output, exist_ok=True)
+  safetensors_writer.write_sharded(output, lambda: hf_llm.export_decoder(params, config),
+                                   dtype=dtype, max_shard_bytes=max_shard_bytes)
+  _write_json(os.path.join(output, CONFIG_FILE), values)
+  generation = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+  _write_json(os.path.join(output, GENERATION_CONFIG_FILE),
+              {key: value for key, value in generation.items() if value is not None})
+  return values
