@@ -389,6 +389,8 @@ def export_run_to_hf(source: str, output: str, dtype: str = "float32",
       params["llm"], model.llm, output, dtype=dtype,
       max_position_embeddings=experiment.data.seq_len, eos_token_id=int(vocabulary.eos_id))
   written = {"llm": output}
+  if hf_export.export_tokenizer(vocabulary, output, experiment.data.seq_len):
+    written["tokenizer"] = output
   if adapters is not None:
     adapter_dir = os.path.join(output, "adapter")
     peft_lora.write_peft_adapter_dir(adapter_dir, adapters, model.lora,
@@ -454,6 +456,12 @@ def _main_export(FLAGS) -> None:
         f"{FLAGS.output}; load with transformers.AutoModelForCausalLM.from_pretrained("
         f"{FLAGS.output!r})" + (f", its adapters with peft.PeftModel.from_pretrained(model, "
                                 f"{adapter!r})" if adapter else "") + ".")
+  if "tokenizer" in description["written"]:
+    print(f"The run's tokenizer: transformers.AutoTokenizer.from_pretrained({FLAGS.output!r}).")
+  else:
+    print("The run's tokenizer (the bundled SentencePiece model) is not exported: transformers "
+          "would encode some text to other ids; tokenize with mm1_jax.data.tokenizer."
+          "get_vocabulary() and pass ids.")
 
 
 def main(argv: Sequence[str]) -> None:

@@ -8,6 +8,14 @@ generation_config.json and the weights as safetensors, sharded with an index
 when they exceed max_shard_bytes (safetensors_writer). The tensor names and
 layouts are the importer's own table read backwards (hf_llm.export_decoder),
 so a checkpoint imported from Hugging Face exports to identical tensors.
+
+`export_tokenizer(vocabulary, output)` adds the run's tokenizer where
+transformers reproduces it exactly: a GGUF byte-level BPE vocabulary
+(data.vocabulary=smollm2) is already a `tokenizers` tokenizer, saved as
+tokenizer.json with our appended special tokens (<image>, <|user|>, ...).
+The bundled SentencePiece vocabulary is not exported: transformers'
+LlamaTokenizer splits user-defined symbols and leading spaces differently
+from seqio's SentencePiece encoding, so the same text would give other ids.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ from mm1_jax.models.config import DecoderConfig
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
 def _write_json(path: str, value: Mapping[str, Any]) -> None:
@@ -53,3 +63,22 @@ def export_llm(params: Mapping[str, Any], config: DecoderConfig, output: str, *,
   _write_json(os.path.join(output, GENERATION_CONFIG_FILE),
               {key: value for key, value in generation.items() if value is not None})
   return values
+
+
+def export_tokenizer(vocabulary: Any, output: str, model_max_length: int) -> str | None:
+  """Writes tokenizer.json + tokenizer_config.json of a GGUF byte-level BPE
+  vocabulary (data.gguf_vocabulary.GgufBpeVocabulary) into `output`, for
+  transformers.AutoTokenizer; returns None (writing nothing) for another
+  kind of vocabulary, which transformers would encode differently (module
+  docstring). Encodes like the vocabulary: no BOS, no EOS added."""
+  from mm1_jax.data.gguf_vocabulary import GgufBpeVocabulary
+  if not isinstance(vocabulary, GgufBpeVocabulary):
+    return None
+  os.makedirs(output, exist_ok=True)
+  vocabulary.tokenizer.save(os.path.join(output, TOKENIZER_FILE))
+  eos = vocabulary.id_to_token(vocabulary.eos_id)
+  _write_json(os.path.join(output, TOKENIZER_CONFIG_FILE), {
+      "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "pad_token": eos,
+      "bos_token": None, "unk_token": None, "add_bos_token": False, "add_eos_token": False,
+      "clean_up_tokenization_spaces": False, "model_max_length": model_max_length})
+  return output

@@ -196,6 +196,41 @@ def test_greedy_decoding_says_paris(tokenizer, logits_fn):
   assert generated.startswith(" Paris")
 
 
+def test_exported_smollm2_says_paris_in_transformers(tokenizer, converted, tmp_path):
+  """GGUF -> mm1_jax -> a transformers LlamaForCausalLM directory: greedy decoding there
+  still completes the prompt with " Paris" (ids from the same tokenizer)."""
+  import torch
+  import transformers
+
+  from mm1_jax.conversion import hf_export
+  config, params = converted
+  values = hf_export.export_llm(params, config, str(tmp_path), eos_token_id=2)
+  assert values["architectures"] == ["LlamaForCausalLM"] and values["tie_word_embeddings"]
+  model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+  ids = tokenizer.encode("The capital of France is").ids
+  with torch.no_grad():
+    generated = model.generate(torch.tensor([ids]), max_new_tokens=2, do_sample=False)
+  assert tokenizer.decode(generated[0, len(ids):].tolist()).startswith(" Paris")
+
+
+def test_exported_tokenizer_encodes_as_ours_in_transformers(tmp_path):
+  import transformers
+
+  from mm1_jax.conversion import hf_export
+  from mm1_jax.data import tokenizer as tokenizer_lib
+  vocabulary = tokenizer_lib.get_vocabulary(tokenizer_lib.SMOLLM2_ALIAS)
+  assert hf_export.export_tokenizer(vocabulary, str(tmp_path), 2048) == str(tmp_path)
+  theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  for text in (PARAGRAPH, "<image>\nWhat colour is it?<|end|> <|user|>  12345 ü"):
+    ids = vocabulary.encode(text)
+    assert theirs.encode(text, add_special_tokens=False) == ids
+    assert theirs.decode(ids) == vocabulary.decode(ids) == text
+  assert theirs.eos_token_id == vocabulary.eos_id and len(theirs) == vocabulary.vocab_size
+  sentencepiece = tokenizer_lib.get_vocabulary()
+  assert hf_export.export_tokenizer(sentencepiece, str(tmp_path / "sp"), 2048) is None
+  assert not (tmp_path / "sp").exists()
+
+
 def test_vocab_padding_appends_mean_rows(reader, converted):
   _, params = converted
   original = params["embedder"]["embedding"]

@@ -160,6 +160,7 @@ def test_the_cli_exports_a_runs_llm(tmp_path):
       env=one_device_env(), capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"as a transformers LlamaForCausalLM (float32) to {output}" in result.stdout
+  assert "tokenizer (the bundled SentencePiece model) is not exported" in result.stdout
   model = reload(str(output))
   assert model.config.max_position_embeddings == 64
   assert model.generation_config.eos_token_id == tokenizer.get_vocabulary().eos_id
