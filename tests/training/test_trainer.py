@@ -74,12 +74,24 @@ def test_nan_loss_stops_names_a_good_checkpoint_and_a_restart_trains_on(tmp_path
   metrics = trainer.train(Experiment.from_config(sane), str(tmp_path))
   assert np.isfinite(metrics["loss"])
   assert sorted(losses(tmp_path)) == list(range(1, good + 3))  # Each step once.
+  # What the run cost: 2 steps logged every step, the first window (compiling) not timed.
+  summary = json.loads((tmp_path / trainer.TRAIN_SUMMARY).read_text())
+  assert summary["step"] == good + 2 and summary["timed_windows"] == 1
+  assert summary["step_time_median_s"] == pytest.approx(metrics["step_time"])
+  assert summary["trainable_parameters"] == sum(x.size for x in jax.tree.leaves(state["params"]))
+  assert summary["peak_memory_bytes"] > 100 * 2**20
 
   # Back to a chosen step: the later checkpoints go, the loss log is cut there.
   sane.train.update(num_steps=good + 1, restore_step=good)
   trainer.train(Experiment.from_config(sane), str(tmp_path))
   assert checkpoint_lib.Checkpointer(str(tmp_path), 1, 3).all_steps()[-1] == good + 1
   assert sorted(losses(tmp_path)) == list(range(1, good + 2))
+  # Started again when finished, it trains nothing and keeps the summary of the steps trained.
+  sane.train.restore_step = None
+  summary = (tmp_path / trainer.TRAIN_SUMMARY).read_text()
+  trainer.train(Experiment.from_config(sane), str(tmp_path))
+  assert (tmp_path / trainer.TRAIN_SUMMARY).read_text() == summary
+  assert json.loads(summary)["step"] == good + 1
 
   # A config of another shape in the same workdir: refused, nothing written.
   listing = sorted((p, p.stat().st_mtime) for p in tmp_path.rglob("*"))
