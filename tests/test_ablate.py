@@ -105,6 +105,15 @@ def test_a_suite_writes_tables_and_plots_of_its_runs(suite_dir):
       mean, per_seed = table_rows(markdown, metric)[run["variant"]]
       assert mean == per_seed == report._format(metrics[metric])
   assert "## shakespeare_text/perplexity/perplexity (lower is better)" in markdown
+  # The overview: one row per variant, the headline metrics as columns (one seed: no ±).
+  overview = markdown.split("## Overview\n")[1].split("\n## ")[0].strip().splitlines()
+  header = [c.strip() for c in overview[0].strip("|").split("|")]
+  assert header == ["variant", "cost/peak_memory_GiB", "cost/trainable_params_M",
+                    "easy_vqa_caption/0shot/cider", "shakespeare_text/perplexity/perplexity",
+                    "train/final_loss"]
+  row = [c.strip() for c in overview[2].strip("|").split("|")]
+  metrics = results["runs"][0]["metrics"]
+  assert row == ["caption only"] + [report._format(metrics[name]) for name in header[1:]]
   for name in ("metrics.png", "loss_curves.png"):
     with Image.open(workdir / name) as image:
       assert image.size[0] > 300 and image.size[1] > 200

@@ -2,9 +2,11 @@
 
     DIR/results.json      every run: variant, seed, status (done / failed + reason),
                           metrics, losses
-    DIR/results.md        one table per metric: per variant the mean over seeds, its
-                          95% confidence interval (Student t over seeds; none for one
-                          seed) and each seed's value; failed runs listed with reasons
+    DIR/results.md        an overview (variants x headline metrics: mean +- the 95%
+                          interval's half-width), then one table per metric: per
+                          variant the mean over seeds, its 95% confidence interval
+                          (Student t over seeds; none for one seed) and each seed's
+                          value; failed runs listed with reasons
     DIR/metrics.png       a bar per variant and metric, error bars = the 95% intervals
     DIR/loss_curves.png   training loss of every variant (mean over seeds) against step
 """
@@ -28,6 +30,9 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 # Metrics where lower is better (the tables say so).
 LOWER_IS_BETTER = ("final_loss", "perplexity", "cross_entropy")
 COST_PREFIX = "cost/"  # What a run cost (runner.cost_metrics): neither better nor worse.
+# The overview's columns: each task's main score, perplexity, the final loss, the costs.
+HEADLINE = ("cider", "vqa_accuracy", "perplexity", "final_loss", "trainable_params_M",
+            "step_time_s", "peak_memory_GiB")
 
 
 def mean_interval(values: Sequence[float]) -> tuple[float, float | None]:
@@ -57,6 +62,29 @@ def _format(value: float) -> str:
   return f"{value:.4g}"
 
 
+def _mean_text(values: Sequence[float]) -> str:
+  if not values:
+    return "-"
+  mean, half = mean_interval(values)
+  return _format(mean) + ("" if half is None else f" ± {_format(half)}")
+
+
+def overview(results: Sequence[dict], suite: Suite) -> list[str]:
+  """Markdown lines: variants x HEADLINE metrics (question-prior baselines
+  left to their own tables), mean ± the 95% interval's half-width."""
+  table = {metric: by_variant for metric, by_variant in metric_table(results, suite).items()
+           if metric.rsplit("/", 1)[-1] in HEADLINE and "/question_prior/" not in metric}
+  if not table:
+    return []
+  lines = ["## Overview", "", "| variant | " + " | ".join(table) + " |",
+           "|---|" + "---|" * len(table)]
+  for variant in suite.variants:
+    lines.append(f"| {variant.label} | "
+                 + " | ".join(_mean_text(by_variant[variant.label])
+                              for by_variant in table.values()) + " |")
+  return lines + [""]
+
+
 def markdown(results: Sequence[dict], suite: Suite, preset: str) -> str:
   lines = [f"# Ablation suite `{suite.name}` ({preset} preset)", ""]
   if suite.description:
@@ -69,6 +97,7 @@ def markdown(results: Sequence[dict], suite: Suite, preset: str) -> str:
   lines += [f"{start}Base `{suite.base}`, {suite.num_steps} steps, seeds {list(suite.seeds)}; "
             f"{done} of {len(results)} runs done. Mean over seeds with its 95% confidence "
             "interval (Student t; none with one seed).", ""]
+  lines += overview(results, suite)
   for metric, by_variant in metric_table(results, suite).items():
     if metric.startswith(COST_PREFIX):
       better = "cost"
