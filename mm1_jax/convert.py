@@ -54,19 +54,22 @@ names of HF Llama / Mistral / Qwen2; dense LLMs only):
 A run whose checkpoints hold only what trained rebuilds its base from the
 config's init_from (checked against the saved fingerprint) for both.
 
-Hugging Face export: the LLM of a training run's checkpoint as a transformers
-directory (LlamaForCausalLM, Qwen2ForCausalLM with q/k/v biases, or
-MixtralForCausalLM when every layer is MoE: conversion/hf_export.py):
+Hugging Face export: a training run's checkpoint as a transformers directory
+(conversion/hf_export.py): the whole model as a LlavaForConditionalGeneration
+when it is one (CLIP- or SigLIP-shaped encoder, the "mlp" connector), else
+its LLM (LlamaForCausalLM, Qwen2ForCausalLM with q/k/v biases, or
+MixtralForCausalLM when every layer is MoE); --export=llm exports the LLM of
+any run:
 
     python -m mm1_jax.convert --to=hf --workdir=workdirs/run [--step=N] \
-        --output=exported/run [--dtype=bfloat16] [--lora_as=merged|peft]
+        --output=exported/run [--dtype=bfloat16] [--export=auto|llm] [--lora_as=merged|peft]
     # transformers.AutoModelForCausalLM.from_pretrained("exported/run")
 
 config.json, generation_config.json (the run's vocabulary's end-of-sequence
-id) and safetensors weights, sharded with an index above 5 GB, written
-tensor by tensor. A LoRA run exports merged (default), or with
---lora_as=peft its base LLM plus the adapters as a peft directory in
-{output}/adapter.
+id), a LLaVA's preprocessor_config.json, a GGUF vocabulary's tokenizer and
+safetensors weights, sharded with an index above 5 GB, written tensor by
+tensor. A LoRA run exports merged (default), or with --lora_as=peft its base
+LLM plus the adapters as a peft directory in {output}/adapter.
 
 QLoRA: --nf4 writes a converted LLM with the base weights of the linears
 --nf4_targets selects (default: every linear of its layer stack, as
@@ -126,6 +129,8 @@ def define_flags() -> None:
                        lower_bound=0)
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "With --to=hf: the stored "
                     "weights' dtype.")
+  flags.DEFINE_enum("export", "auto", ["auto", "llm"], "With --to=hf: auto = the whole model "
+                    "as a LLaVA when it is one, else the LLM; llm = the LLM.")
   flags.DEFINE_enum("lora_as", "merged", ["merged", "peft"], "With --to=hf, a LoRA run: merge "
                     "the adapters into the LLM, or write the base LLM and the adapters as a "
                     "peft directory ({output}/adapter).")
@@ -363,17 +368,23 @@ def step_source(workdir: str, step: int | None) -> str:
 
 
 def export_run_to_hf(source: str, output: str, dtype: str = "float32",
-                     lora_as: str = "merged") -> dict[str, Any]:
-  """Writes the LLM of a training run's checkpoint (`source`: workdir or step
-  directory) as a transformers directory (conversion/hf_export.py); a LoRA
-  run merged, or (lora_as="peft") its base plus a peft adapter directory in
-  {output}/adapter. Returns a description: the HF config and what was written."""
-  from mm1_jax.conversion import hf_export, hf_llm, peft_lora
+                     lora_as: str = "merged", export: str = "auto") -> dict[str, Any]:
+  """Writes a training run's checkpoint (`source`: workdir or step directory)
+  as a transformers directory (conversion/hf_export.py): export="auto" the
+  whole model as a LLaVA when it is one (hf_llava.llava_export_problem), else
+  the LLM; "llm" the LLM. A LoRA run merged, or (lora_as="peft") its base LLM
+  plus a peft adapter directory in {output}/adapter. Returns a description:
+  the HF config, what was written, and why the whole model was not (if not)."""
+  from mm1_jax.conversion import hf_export, hf_llava, hf_llm, peft_lora
   from mm1_jax.data import tokenizer
   from mm1_jax.models import lora
 
   model, params, experiment = load_run(source)
   hf_llm.hf_model_type(model.llm)  # An LLM transformers cannot hold fails before writing.
+  not_llava = (hf_llava.llava_export_problem(model) if export == "auto" else
+               "--export=llm")
+  if not_llava is None and model.lora.enabled and lora_as == "peft":
+    not_llava = "--lora_as=peft writes adapters of a causal LM"
   adapters = None
   if model.lora.enabled:
     if lora_as == "peft":
@@ -385,10 +396,14 @@ def export_run_to_hf(source: str, output: str, dtype: str = "float32",
     else:
       params = lora.merge_lora(params, model.lora)
   vocabulary = tokenizer.get_vocabulary(experiment.data.vocabulary)
-  values = hf_export.export_llm(
-      params["llm"], model.llm, output, dtype=dtype,
-      max_position_embeddings=experiment.data.seq_len, eos_token_id=int(vocabulary.eos_id))
-  written = {"llm": output}
+  lengths = dict(max_position_embeddings=experiment.data.seq_len,
+                 eos_token_id=int(vocabulary.eos_id))
+  if not_llava is None:
+    values = hf_export.export_llava(params, model, output, dtype=dtype, **lengths)
+    written = {"llava": output}
+  else:
+    values = hf_export.export_llm(params["llm"], model.llm, output, dtype=dtype, **lengths)
+    written = {"llm": output}
   if hf_export.export_tokenizer(vocabulary, output, experiment.data.seq_len):
     written["tokenizer"] = output
   if adapters is not None:
@@ -396,7 +411,7 @@ def export_run_to_hf(source: str, output: str, dtype: str = "float32",
     peft_lora.write_peft_adapter_dir(adapter_dir, adapters, model.lora,
                                      base_model_name_or_path=output)
     written["adapter"] = adapter_dir
-  return {"config": values, "written": written}
+  return {"config": values, "written": written, "not_llava": not_llava}
 
 
 def write_merged(output: str, params: dict[str, Any], description: dict[str, Any]) -> None:
@@ -449,13 +464,19 @@ def _main_export(FLAGS) -> None:
     raise ValueError(f"--output={FLAGS.output}: --to=hf writes a local directory (transformers "
                      "reads local files); copy it to a bucket afterwards.")
   description = export_run_to_hf(step_source(FLAGS.workdir, FLAGS.step), FLAGS.output,
-                                 FLAGS.dtype, FLAGS.lora_as)
+                                 FLAGS.dtype, FLAGS.lora_as, FLAGS.export)
   architecture = description["config"]["architectures"][0]
   adapter = description["written"].get("adapter")
-  print(f"Wrote the LLM of {FLAGS.workdir} as a transformers {architecture} ({FLAGS.dtype}) to "
-        f"{FLAGS.output}; load with transformers.AutoModelForCausalLM.from_pretrained("
-        f"{FLAGS.output!r})" + (f", its adapters with peft.PeftModel.from_pretrained(model, "
-                                f"{adapter!r})" if adapter else "") + ".")
+  if "llava" in description["written"]:
+    print(f"Wrote {FLAGS.workdir} (encoder, connector and LLM) as a transformers {architecture} "
+          f"({FLAGS.dtype}) to {FLAGS.output}; load with transformers."
+          f"LlavaForConditionalGeneration.from_pretrained({FLAGS.output!r}).")
+  else:
+    print(f"Wrote the LLM of {FLAGS.workdir} as a transformers {architecture} ({FLAGS.dtype}) to "
+          f"{FLAGS.output} (not the whole model: {description['not_llava']}); load with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({FLAGS.output!r})"
+          + (f", its adapters with peft.PeftModel.from_pretrained(model, {adapter!r})"
+             if adapter else "") + ".")
   if "tokenizer" in description["written"]:
     print(f"The run's tokenizer: transformers.AutoTokenizer.from_pretrained({FLAGS.output!r}).")
   else:

@@ -9,6 +9,12 @@ when they exceed max_shard_bytes (safetensors_writer). The tensor names and
 layouts are the importer's own table read backwards (hf_llm.export_decoder),
 so a checkpoint imported from Hugging Face exports to identical tensors.
 
+`export_llava(params, model_config, output)` writes a whole MM1Model whose
+encoder is CLIP- or SigLIP-shaped and whose connector is the MLP as a
+LlavaForConditionalGeneration directory (config.json, generation_config.json,
+preprocessor_config.json, weights; hf_llava.llava_export_problem says why
+another model is not one).
+
 `export_tokenizer(vocabulary, output)` adds the run's tokenizer where
 transformers reproduces it exactly: a GGUF byte-level BPE vocabulary
 (data.vocabulary=smollm2) is already a `tokenizers` tokenizer, saved as
@@ -24,11 +30,12 @@ import json
 import os
 from typing import Any, Mapping
 
-from mm1_jax.conversion import hf_llm, safetensors_writer
-from mm1_jax.models.config import DecoderConfig
+from mm1_jax.conversion import hf_llava, hf_llm, safetensors_writer
+from mm1_jax.models.config import DecoderConfig, MM1Config
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+PREPROCESSOR_FILE = hf_llava.PREPROCESSOR_FILE
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
@@ -55,14 +62,39 @@ def export_llm(params: Mapping[str, Any], config: DecoderConfig, output: str, *,
   values = hf_llm.hf_config_dict(config, dtype=dtype,
                                  max_position_embeddings=max_position_embeddings,
                                  bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+  _write(output, values, lambda: hf_llm.export_decoder(params, config), dtype, max_shard_bytes,
+         bos_token_id, eos_token_id)
+  return values
+
+
+def export_llava(params: Mapping[str, Any], config: MM1Config, output: str, *,
+                 dtype: str = "float32",
+                 max_shard_bytes: int = safetensors_writer.DEFAULT_MAX_SHARD_BYTES,
+                 max_position_embeddings: int = 4096, eos_token_id: int | None = None
+                 ) -> dict[str, Any]:
+  """Writes MM1Model(config)'s `params` (host numpy arrays) as a transformers
+  LlavaForConditionalGeneration directory `output`; returns its config.json
+  values. Raises ConversionError (before writing anything) when the model is
+  not a LLaVA (hf_llava.llava_export_problem)."""
+  values = hf_llava.hf_llava_config_dict(config, dtype=dtype,
+                                         max_position_embeddings=max_position_embeddings,
+                                         eos_token_id=eos_token_id)
+  _write(output, values, lambda: hf_llava.export_llava(params, config), dtype, max_shard_bytes,
+         None, eos_token_id)
+  _write_json(os.path.join(output, PREPROCESSOR_FILE), hf_llava.hf_image_processor_dict(config))
+  return values
+
+
+def _write(output: str, values: Mapping[str, Any], tensors: safetensors_writer.TensorSource,
+           dtype: str, max_shard_bytes: int, bos_token_id: int | None,
+           eos_token_id: int | None) -> None:
+  """The weights, config.json and generation_config.json of a model directory."""
   os.makedirs(output, exist_ok=True)
-  safetensors_writer.write_sharded(output, lambda: hf_llm.export_decoder(params, config),
-                                   dtype=dtype, max_shard_bytes=max_shard_bytes)
+  safetensors_writer.write_sharded(output, tensors, dtype=dtype, max_shard_bytes=max_shard_bytes)
   _write_json(os.path.join(output, CONFIG_FILE), values)
   generation = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
   _write_json(os.path.join(output, GENERATION_CONFIG_FILE),
               {key: value for key, value in generation.items() if value is not None})
-  return values
 
 
 def export_tokenizer(vocabulary: Any, output: str, model_max_length: int) -> str | None:

@@ -354,3 +354,102 @@ def convert_llava_directory(directory: str | os.PathLike, dtype: Any = np.float3
                                               pad_vocab="vocab_size" in overrides),
     }
   return MM1Parts(encoder, connector, llm, image_token_id), params
+
+
+# ---------------------------------------------------------------------------
+# Export: MM1Model -> LlavaForConditionalGeneration.
+
+# Where each part's tensors go in save_pretrained's layout (transformers 5.24 and the hub's).
+_EXPORT_PREFIXES = {"encoder": "vision_tower.", "connector": "multi_modal_projector.",
+                    "model.": "language_model.model.", "lm_head.": "language_model.lm_head."}
+
+
+def llava_export_problem(config: MM1Config) -> str | None:
+  """Why MM1Model(config) is not a LlavaForConditionalGeneration, or None if it is:
+  a CLIP- or SigLIP-shaped encoder (hf_vision.hf_vision_type) whose position
+  embeddings are for its own grid, its features not through a final norm,
+  the "mlp" connector with one token per patch, and an LLM transformers
+  holds (hf_llm.hf_model_type)."""
+  from mm1_jax.conversion import hf_llm, hf_vision
+  encoder, connector = config.encoder, config.connector
+  if connector.kind != "mlp":
+    return (f"model.connector.kind={connector.kind!r}: LLaVA's projector is the 'mlp' connector; "
+            "transformers has no class for this one")
+  if connector.num_image_tokens != encoder.num_patches:
+    return (f"model.connector.num_image_tokens={connector.num_image_tokens} is not one per patch "
+            f"({encoder.num_patches}), as LLaVA's projector gives")
+  vision_type = hf_vision.hf_vision_type(encoder)
+  if vision_type is None:
+    return ("the encoder is neither CLIP- nor SigLIP-shaped (class token + pre-norm, no patch "
+            "bias; or patch bias, no class token, no pre-norm; no layer scale)")
+  if encoder.trained_grid_size != encoder.grid_size:
+    return (f"model.encoder.pos_grid_size={encoder.pos_grid_size}: the position embeddings are "
+            f"resized to the {encoder.grid_size}x{encoder.grid_size} grid at run time, which "
+            "LLaVA's vision tower does not do")
+  if encoder.uses_final_norm:
+    return ("model.encoder.final_norm applies to the features; LLaVA takes a block's output "
+            "(hidden_states) before any final norm")
+  try:
+    hf_llm.hf_model_type(config.llm)
+  except ConversionError as error:
+    return str(error).rstrip(".")
+  return None
+
+
+def hf_llava_config_dict(config: MM1Config, *, dtype: str = "float32",
+                         max_position_embeddings: int = 4096,
+                         eos_token_id: int | None = None) -> dict[str, Any]:
+  """config.json of the LlavaForConditionalGeneration holding MM1Model(config);
+  ConversionError naming what it cannot hold (llava_export_problem)."""
+  from mm1_jax.conversion import hf_llm, hf_vision
+  problem = llava_export_problem(config)
+  if problem:
+    raise ConversionError(f"not a LLaVA: {problem}.")
+  vision_type = hf_vision.hf_vision_type(config.encoder)
+  text = hf_llm.hf_config_dict(config.llm, dtype=dtype,
+                               max_position_embeddings=max_position_embeddings,
+                               eos_token_id=eos_token_id)
+  return {
+      "architectures": ["LlavaForConditionalGeneration"], "model_type": MODEL_TYPE,
+      "vision_config": hf_vision.hf_vision_config_dict(config.encoder, vision_type),
+      "text_config": text, "image_token_index": config.image_placeholder_id,
+      "image_seq_length": config.encoder.num_patches,
+      # The built blocks only: the feature layer is the tower's last.
+      "vision_feature_layer": -1,
+      "vision_feature_select_strategy": _PATCHES_ONLY_STRATEGY[vision_type],
+      "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
+      "tie_word_embeddings": config.llm.tie_embeddings, "dtype": dtype,
+  }
+
+
+def export_llava(params: Mapping[str, Any], config: MM1Config
+                 ) -> Iterator[tuple[str, np.ndarray]]:
+  """(name as save_pretrained writes it, tensor) of every tensor of
+  MM1Model(config)'s params (host numpy arrays): the vision tower through
+  hf_vision.export_hf_vision, the projector (fc1 / fc2 -> linear_1 / linear_2),
+  the LLM through hf_llm.export_decoder."""
+  from mm1_jax.conversion import hf_llm, hf_vision
+  vision_type = hf_vision.hf_vision_type(config.encoder)
+  for name, tensor in hf_vision.export_hf_vision(params["encoder"], config.encoder, vision_type):
+    yield _EXPORT_PREFIXES["encoder"] + name, tensor
+  mlp = params["connector"]["mlp"]
+  for index in (1, 2):
+    layer = mlp[f"fc{index}"]
+    yield f"multi_modal_projector.linear_{index}.weight", np.asarray(layer["kernel"]).T
+    yield f"multi_modal_projector.linear_{index}.bias", np.asarray(layer["bias"])
+  for name, tensor in hf_llm.export_decoder(params["llm"], config.llm):
+    prefix = "model." if name.startswith("model.") else "lm_head."
+    yield _EXPORT_PREFIXES[prefix] + name[len(prefix):], tensor
+
+
+def hf_image_processor_dict(config: MM1Config) -> dict[str, Any]:
+  """preprocessor_config.json: resize to the encoder's square size (no crop;
+  bilinear, as mm1_jax.data.images' 'stretch' policy, whose TensorFlow
+  antialiasing differs from PIL's in the last bits), scale to [0, 1],
+  normalise with the encoder's mean and std."""
+  size = config.encoder.image_size
+  return {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
+          "size": {"height": size, "width": size}, "resample": 2, "do_center_crop": False,
+          "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+          "image_mean": list(config.encoder.image_mean),
+          "image_std": list(config.encoder.image_std), "do_convert_rgb": True}

@@ -11,6 +11,10 @@ SiglipVisionModel and Dinov2Model in transformers 5. The legacy names found
 in hub checkpoints and older transformers (a "vision_model." prefix; DINOv2's
 "attention.attention.query" / "attention.output.dense") are accepted too.
 
+`export_hf_vision(params, config, model_type)` is the inverse for CLIP and
+SigLIP (and DINOv2), through the same name table and per-layer spec:
+(transformers 5 name, tensor) pairs, one at a time.
+
 The result is a plain nested dict of numpy arrays shaped like
 nn.unbox(VisionTransformer(config).init(...))["params"]; the scanned block
 parameters are stacked on a leading layer axis. The stacks are allocated once
@@ -23,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from types import SimpleNamespace
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -257,6 +261,42 @@ def _listing(title: str, items: list[str], limit: int = 20) -> str:
   return f"{title}:\n" + "\n".join(f"  {item}" for item in shown)
 
 
+def _layer_spec(names: _Names, c: VitConfig
+                ) -> list[tuple[tuple[str, ...], str | None, tuple[int, ...], Callable, Callable]]:
+  """Per layer: (our path, their name, their shape, HF -> ours, ours -> HF)."""
+  d, heads, mlp = c.width, c.num_heads, c.mlp_dim
+  head_dim = d // heads
+  same = lambda w: w
+
+  def linear_in(w):  # torch [out=heads*hd, in=D] -> [D, heads, hd].
+    return w.T.reshape(d, heads, head_dim)
+
+  def linear_out(w):  # torch [out=D, in=heads*hd] -> [heads, hd, D].
+    return w.T.reshape(heads, head_dim, d)
+
+  spec = []
+  for ours, theirs in (("norm1", names.norm1), ("norm2", names.norm2)):
+    spec += [((ours, "scale"), f"{theirs}.weight", (d,), same, same),
+             ((ours, "bias"), f"{theirs}.bias", (d,), same, same)]
+  for ours, theirs in (("query", names.query), ("key", names.key), ("value", names.value)):
+    spec += [(("attn", ours, "kernel"), f"{theirs}.weight", (d, d), linear_in,
+              lambda k: k.reshape(d, d).T),
+             (("attn", ours, "bias"), f"{theirs}.bias", (d,),
+              lambda w: w.reshape(heads, head_dim), lambda b: b.reshape(d))]
+  spec += [
+      (("attn", "out", "kernel"), f"{names.out}.weight", (d, d), linear_out,
+       lambda k: k.reshape(d, d).T),
+      (("attn", "out", "bias"), f"{names.out}.bias", (d,), same, same),
+      (("mlp", "fc1", "kernel"), f"{names.fc1}.weight", (mlp, d), lambda w: w.T, lambda k: k.T),
+      (("mlp", "fc1", "bias"), f"{names.fc1}.bias", (mlp,), same, same),
+      (("mlp", "fc2", "kernel"), f"{names.fc2}.weight", (d, mlp), lambda w: w.T, lambda k: k.T),
+      (("mlp", "fc2", "bias"), f"{names.fc2}.bias", (d,), same, same),
+  ]
+  if c.layer_scale_init is not None:
+    spec += [(("ls1",), names.ls1, (d,), same, same), (("ls2",), names.ls2, (d,), same, same)]
+  return spec
+
+
 def convert_hf_vision(state_dict: Mapping[str, Any], config: VitConfig, model_type: str, *,
                       dtype: Any = np.float32, check: bool = True) -> dict[str, Any]:
   """HF state dict -> VisionTransformer params (nested dict of numpy arrays).
@@ -273,8 +313,7 @@ def convert_hf_vision(state_dict: Mapping[str, Any], config: VitConfig, model_ty
   names = _NAMES[model_type]
   reader = _Reader(state_dict, model_type, np.dtype(dtype))
   c = config
-  d, p, heads = c.width, c.patch_size, c.num_heads
-  head_dim, mlp = d // heads, c.mlp_dim
+  d, p, heads, mlp = c.width, c.patch_size, c.num_heads, c.mlp_dim
   num_pos = c.trained_grid_size**2 + (1 if c.class_token else 0)
 
   # torch conv [out, in, kh, kw] -> our patchify kernel [kh, kw, in, out].
@@ -300,34 +339,7 @@ def convert_hf_vision(state_dict: Mapping[str, Any], config: VitConfig, model_ty
         key = f"{theirs}.{suffix}" if theirs else None
         reader.take((ours, leaf), key, (d,), f"{ours} [width]")
 
-  def linear_in(w):  # torch [out=heads*hd, in=D] -> [D, heads, hd].
-    return w.T.reshape(d, heads, head_dim)
-
-  def linear_out(w):  # torch [out=D, in=heads*hd] -> [heads, hd, D].
-    return w.T.reshape(heads, head_dim, d)
-
-  # (our path, their name, their shape, transform); shapes are per layer.
-  layer_spec: list[tuple[tuple[str, ...], str | None, tuple[int, ...], Callable]] = []
-  for ours, theirs in (("norm1", names.norm1), ("norm2", names.norm2)):
-    layer_spec += [((ours, "scale"), f"{theirs}.weight", (d,), lambda w: w),
-                   ((ours, "bias"), f"{theirs}.bias", (d,), lambda w: w)]
-  for ours, theirs in (("query", names.query), ("key", names.key), ("value", names.value)):
-    layer_spec += [(("attn", ours, "kernel"), f"{theirs}.weight", (d, d), linear_in),
-                   (("attn", ours, "bias"), f"{theirs}.bias", (d,),
-                    lambda w: w.reshape(heads, head_dim))]
-  layer_spec += [
-      (("attn", "out", "kernel"), f"{names.out}.weight", (d, d), linear_out),
-      (("attn", "out", "bias"), f"{names.out}.bias", (d,), lambda w: w),
-      (("mlp", "fc1", "kernel"), f"{names.fc1}.weight", (mlp, d), lambda w: w.T),
-      (("mlp", "fc1", "bias"), f"{names.fc1}.bias", (mlp,), lambda w: w),
-      (("mlp", "fc2", "kernel"), f"{names.fc2}.weight", (d, mlp), lambda w: w.T),
-      (("mlp", "fc2", "bias"), f"{names.fc2}.bias", (d,), lambda w: w),
-  ]
-  if c.layer_scale_init is not None:
-    layer_spec += [(("ls1",), names.ls1, (d,), lambda w: w),
-                   (("ls2",), names.ls2, (d,), lambda w: w)]
-
-  for path, theirs, shape, transform in layer_spec:
+  for path, theirs, shape, transform, _ in _layer_spec(names, c):
     for i in range(c.num_layers_built):
       reader.take_layer(("blocks",) + path, i, c.num_layers_built,
                         f"{names.layer_prefix}{i}.{theirs}" if theirs else None, shape,
@@ -365,6 +377,80 @@ def convert_hf_vision(state_dict: Mapping[str, Any], config: VitConfig, model_ty
   if check:
     check_tree_matches(params, expected_param_shapes(config))
   return params
+
+
+def hf_vision_type(config: VitConfig) -> str | None:
+  """"clip" or "siglip" when a transformers CLIPVisionModel / SiglipVisionModel
+  computes `config`'s ViT (vit_config_from_hf's shapes), else None."""
+  if config.layer_scale_init is not None or config.activation not in _TO_HF_ACTIVATION:
+    return None
+  if config.class_token and config.pre_norm and not config.patch_bias:
+    return "clip"
+  if not config.class_token and not config.pre_norm and config.patch_bias:
+    return "siglip"
+  return None
+
+
+# Our activation -> the transformers name vit_config_from_hf reads as it.
+_TO_HF_ACTIVATION = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh",
+                     "silu": "silu", "relu": "relu"}
+
+
+def hf_vision_config_dict(config: VitConfig, model_type: str) -> dict[str, Any]:
+  """The vision_config of a transformers CLIP / SigLIP tower holding the
+  blocks `config` builds (num_layers_built): config.json values."""
+  return {"model_type": f"{model_type}_vision_model", "hidden_size": config.width,
+          "intermediate_size": config.mlp_dim, "num_hidden_layers": config.num_layers_built,
+          "num_attention_heads": config.num_heads, "image_size": config.image_size,
+          "patch_size": config.patch_size, "num_channels": 3,
+          "hidden_act": _TO_HF_ACTIVATION[config.activation], "layer_norm_eps": config.norm_eps,
+          "attention_dropout": 0.0}
+
+
+def export_hf_vision(params: Mapping[str, Any], config: VitConfig, model_type: str
+                     ) -> Iterator[tuple[str, np.ndarray]]:
+  """(transformers 5 state-dict name, tensor) of every tensor of a
+  VisionTransformer(config)'s params (host numpy arrays), through the name
+  table the import reads. The blocks built (num_layers_built) are written;
+  the final norm, when the features skip it, and CLIP's post_layernorm
+  (which the import drops: it only normalises the pooled class token) as
+  the identity (ones, zeros): the tower holds them, patch features at a
+  block's output never pass them. Position embeddings are the trained
+  grid's (pos_grid_size)."""
+  _check_model_type(model_type)
+  names = _NAMES[model_type]
+  d = config.width
+  as_array = lambda *path: np.asarray(_get(params, path))
+  # Our patchify kernel [kh, kw, in, out] -> torch conv [out, in, kh, kw].
+  yield names.patch_weight, as_array("patch_embed", "kernel").transpose(3, 2, 0, 1)
+  if config.patch_bias:
+    yield names.patch_bias, as_array("patch_embed", "bias")
+  position = as_array("pos_embed")
+  yield names.pos_embed, position[None] if names.pos_has_batch_dim else position
+  if config.class_token:
+    token = as_array("class_token")
+    yield names.class_token, token.reshape(1, 1, d) if model_type == "dinov2" else token
+  if config.pre_norm:
+    yield f"{names.pre_norm}.weight", as_array("pre_norm", "scale")
+    yield f"{names.pre_norm}.bias", as_array("pre_norm", "bias")
+  for i in range(config.num_layers_built):
+    for path, theirs, _, _, to_hf in _layer_spec(names, config):
+      yield f"{names.layer_prefix}{i}.{theirs}", to_hf(as_array("blocks", *path)[i])
+  if model_type == "clip":  # Its post_layernorm only makes the pooled class token (not imported).
+    yield "post_layernorm.weight", np.ones(d, np.float32)
+    yield "post_layernorm.bias", np.zeros(d, np.float32)
+  if names.final_norm:
+    used = config.uses_final_norm
+    yield (f"{names.final_norm}.weight",
+           as_array("final_norm", "scale") if used else np.ones(d, np.float32))
+    yield (f"{names.final_norm}.bias",
+           as_array("final_norm", "bias") if used else np.zeros(d, np.float32))
+
+
+def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+  for name in path:
+    tree = tree[name]
+  return tree
 
 
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:

@@ -127,17 +127,18 @@ def test_llms_transformers_cannot_hold_are_refused(tmp_path):
     safetensors_writer.write_sharded(str(tmp_path / "w"), lambda: iter(()), dtype="float16")
 
 
-def tiny_run(workdir, *arguments, lora_rank=0):
+def tiny_run(workdir, *arguments, lora_rank=0, connector=None, seq_len=64):
   """A workdir with config.json and a step-7 checkpoint of random params of the tiny
   model (configs/tiny.py:ARGUMENTS; LoRA adapters of lora_rank, alpha 2 x rank, on
-  the LLM's layers), built on the host."""
+  the LLM's layers; connector: model.connector fields), built on the host."""
   from configs import tiny
   from mm1_jax.experiment import Experiment
   from mm1_jax.training import trainer
   config = tiny.get_config(",".join(arguments))
-  config.data.seq_len = 64
+  config.data.seq_len = seq_len
   if lora_rank:
     config.model.lora.update(rank=lora_rank, alpha=2.0 * lora_rank)
+  config.model.connector.update(connector or {})
   experiment = Experiment.from_config(config)
   testing.write_random_checkpoint(experiment, str(workdir), step=7)
   trainer.write_config(experiment, str(workdir))
@@ -159,7 +160,8 @@ def test_the_cli_exports_a_runs_llm(tmp_path):
       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
       env=one_device_env(), capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert f"as a transformers LlamaForCausalLM (float32) to {output}" in result.stdout
+  assert (f"as a transformers LlamaForCausalLM (float32) to {output} (not the whole model: "
+          "model.connector.kind='c_abstractor'") in result.stdout
   assert "tokenizer (the bundled SentencePiece model) is not exported" in result.stdout
   model = reload(str(output))
   assert model.config.max_position_embeddings == 64
@@ -200,3 +202,119 @@ def test_a_lora_run_exports_merged_or_as_peft_adapters(lora_as, tmp_path):
   ours, _ = Decoder(experiment.model.llm, lora=lora).apply({"params": llm}, jnp.asarray(ids))
   theirs = hf_logits(model, ids)
   assert np.max(np.abs(np.asarray(ours, np.float64) - theirs)) / np.max(np.abs(theirs)) <= 1e-5
+
+
+def random_llava(vision, feature_layer):
+  """A tiny LlavaForConditionalGeneration (CLIP or SigLIP tower), every tensor random."""
+  torch.manual_seed(0)
+  shape = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+               num_attention_heads=2, intermediate_size=64)
+  vision_config = (transformers.CLIPVisionConfig(**shape, hidden_act="quick_gelu")
+                   if vision == "clip" else transformers.SiglipVisionConfig(**shape))
+  config = transformers.LlavaConfig(
+      vision_config=vision_config, image_token_index=100, vision_feature_layer=feature_layer,
+      text_config=transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2,
+                                           intermediate_size=64, vocab_size=128),
+      vision_feature_select_strategy="default" if vision == "clip" else "full")
+  model = transformers.LlavaForConditionalGeneration(config)
+  with torch.no_grad():
+    for param in model.parameters():
+      param.normal_(0.0, 0.05)
+  return model.eval()
+
+
+def llava_logits(model, seed=0):
+  """Two rows, each one run of 16 image tokens amid text; random pixels."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(0, 100, (2, 28))
+  ids[0, 5:21] = ids[1, 2:18] = 100
+  pixels = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+  with torch.no_grad():
+    return model(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels)).logits
+
+
+@pytest.mark.parametrize("vision,feature_layer", [("clip", -1), ("clip", -2), ("siglip", -1)])
+def test_llava_to_mm1_to_llava(vision, feature_layer, tmp_path):
+  """Every tensor LLaVA's features use comes back identical, and the logits with them;
+  the blocks after the feature layer and the unused final norms are not imported, so
+  the export's tower ends at the feature layer with identity final norms."""
+  from mm1_jax.conversion.hf_directory import convert_hf_directory
+  original = random_llava(vision, feature_layer)
+  original.save_pretrained(tmp_path / "hf")
+  _, parts, params = convert_hf_directory(str(tmp_path / "hf"))
+  config = parts.mm1_config(dtype="float32", max_images=1)
+  values = hf_export.export_llava(params, config, str(tmp_path / "out"))
+  assert values["vision_config"]["num_hidden_layers"] == 2 + feature_layer + 1
+  exported = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+  after = exported.state_dict()
+  unused = ("post_layernorm", "vision_tower.head", f"layers.{2 + feature_layer + 1}.")
+  compared = [name for name in original.state_dict()
+              if not ("vision_tower" in name and any(u in name for u in unused))]
+  assert len(compared) > 40 and set(compared) <= set(after)
+  for name in compared:
+    assert torch.equal(after[name], original.state_dict()[name]), name
+  torch.testing.assert_close(llava_logits(exported), llava_logits(original), rtol=0, atol=0)
+  processor = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+  assert processor["size"] == {"height": 32, "width": 32}
+  assert processor["image_mean"] == list(config.encoder.image_mean)
+
+
+def test_models_that_are_not_a_llava_are_named():
+  from configs import tiny
+  from mm1_jax import config_lib
+  from mm1_jax.conversion import hf_llava
+  model = config_lib.mm1_config(tiny.get_config("dense"))
+  assert "model.connector.kind='c_abstractor'" in hf_llava.llava_export_problem(model)
+  import dataclasses
+  mlp = model.replace(connector=dataclasses.replace(model.connector, kind="mlp",
+                                                    num_image_tokens=64))
+  assert hf_llava.llava_export_problem(mlp) is None  # tiny's ViT is CLIP-shaped.
+  assert "num_image_tokens=16 is not one per patch (64)" in hf_llava.llava_export_problem(
+      mlp.replace(connector=dataclasses.replace(mlp.connector, num_image_tokens=16)))
+  with pytest.raises(ConversionError, match="not a LLaVA: model.connector.kind='c_abstractor'"):
+    hf_export.export_llava({}, model, "/nonexistent/never_written")
+
+
+def test_an_mm1_model_with_the_mlp_connector_gives_its_logits_as_a_llava(tmp_path):
+  """The tiny model (CLIP-shaped ViT, 8 x 8 patches) with the MLP connector, random
+  params: transformers' LLaVA on the normalised pixels gives our logits."""
+  import dataclasses
+
+  from configs import tiny
+  from mm1_jax import config_lib
+  from mm1_jax.models.multimodal import MM1Model
+  model = config_lib.mm1_config(tiny.get_config("dense"))
+  model = model.replace(max_images=1, connector=dataclasses.replace(
+      model.connector, kind="mlp", num_image_tokens=model.encoder.num_patches))
+  params = testing.random_params(model, seed=4, stddev=0.1)
+  hf_export.export_llava(params, model, str(tmp_path))
+  exported = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+  rng = np.random.default_rng(0)
+  ids = rng.integers(4, 200, (2, 80))
+  ids[0, 3:67] = ids[1, 10:74] = model.image_placeholder_id
+  images = rng.integers(0, 256, (2, 1, 64, 64, 3), dtype=np.uint8)
+  ours, _ = MM1Model(model).apply({"params": params}, ids, images, np.ones((2, 1), bool))
+  mean, std = (np.asarray(v, np.float32) for v in (model.encoder.image_mean,
+                                                   model.encoder.image_std))
+  pixels = ((images[:, 0] / 255.0 - mean) / std).astype(np.float32).transpose(0, 3, 1, 2)
+  with torch.no_grad():
+    theirs = exported(input_ids=torch.from_numpy(ids),
+                      pixel_values=torch.from_numpy(pixels)).logits.numpy()
+  assert np.max(np.abs(np.asarray(ours, np.float64) - theirs)) / np.max(np.abs(theirs)) <= 1e-5
+
+
+def test_a_run_with_the_mlp_connector_exports_whole_as_a_llava(tmp_path):
+  from mm1_jax import convert
+  tiny_run(tmp_path / "run", "dense", connector={"kind": "mlp", "num_image_tokens": 64},
+           seq_len=128)
+  description = convert.export_run_to_hf(str(tmp_path / "run"), str(tmp_path / "hf"))
+  assert description["written"] == {"llava": str(tmp_path / "hf")}
+  assert description["not_llava"] is None
+  model = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "hf")
+  assert type(model).__name__ == "LlavaForConditionalGeneration"
+  assert model.config.image_token_index == 3
+  assert model.config.text_config.max_position_embeddings == 128
+  only_llm = convert.export_run_to_hf(str(tmp_path / "run"), str(tmp_path / "llm"), export="llm")
+  assert only_llm["written"] == {"llm": str(tmp_path / "llm")}
+  assert only_llm["not_llava"] == "--export=llm"
