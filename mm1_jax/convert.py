@@ -404,6 +404,14 @@ def export_run_to_hf(source: str, output: str, dtype: str = "float32",
   else:
     values = hf_export.export_llm(params["llm"], model.llm, output, dtype=dtype, **lengths)
     written = {"llm": output}
+    if export == "auto":  # The other parts, as far as transformers has classes for them.
+      tower = os.path.join(output, "vision_tower")
+      if hf_export.export_vision_tower(params["encoder"], model.encoder, tower, dtype=dtype):
+        written["vision_tower"] = tower
+      connector = os.path.join(output, "connector")
+      hf_export.export_connector(params["connector"], model.connector, model.encoder.width,
+                                 model.llm.width, connector)
+      written["connector"] = connector
   if hf_export.export_tokenizer(vocabulary, output, experiment.data.seq_len):
     written["tokenizer"] = output
   if adapters is not None:
@@ -477,6 +485,13 @@ def _main_export(FLAGS) -> None:
           f"transformers.AutoModelForCausalLM.from_pretrained({FLAGS.output!r})"
           + (f", its adapters with peft.PeftModel.from_pretrained(model, {adapter!r})"
              if adapter else "") + ".")
+    for part, what in (("vision_tower", "the vision tower (transformers.AutoModel)"),
+                       ("connector", "the connector (mm1_jax's layout; see its README.md)")):
+      if part in description["written"]:
+        print(f"Also {what}: {description['written'][part]}")
+    if "vision_tower" not in description["written"] and FLAGS.export == "auto":
+      print("The encoder is neither CLIP- nor SigLIP-shaped: no transformers vision model "
+            "holds it; it is not exported.")
   if "tokenizer" in description["written"]:
     print(f"The run's tokenizer: transformers.AutoTokenizer.from_pretrained({FLAGS.output!r}).")
   else:

@@ -15,6 +15,12 @@ LlavaForConditionalGeneration directory (config.json, generation_config.json,
 preprocessor_config.json, weights; hf_llava.llava_export_problem says why
 another model is not one).
 
+A model that is not a LLaVA (the C-Abstractor or pooling connectors) has no
+transformers class as a whole; `export_vision_tower` writes its encoder, when
+CLIP- or SigLIP-shaped, as a CLIPVisionModel / SiglipVisionModel directory,
+and `export_connector` its connector as connector.safetensors in our own
+layout with a README saying so.
+
 `export_tokenizer(vocabulary, output)` adds the run's tokenizer where
 transformers reproduces it exactly: a GGUF byte-level BPE vocabulary
 (data.vocabulary=smollm2) is already a `tokenizers` tokenizer, saved as
@@ -30,12 +36,15 @@ import json
 import os
 from typing import Any, Mapping
 
-from mm1_jax.conversion import hf_llava, hf_llm, safetensors_writer
-from mm1_jax.models.config import DecoderConfig, MM1Config
+from mm1_jax.conversion import hf_llava, hf_llm, hf_vision, safetensors_writer
+from mm1_jax.models.config import ConnectorConfig, DecoderConfig, MM1Config, VitConfig
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 PREPROCESSOR_FILE = hf_llava.PREPROCESSOR_FILE
+CONNECTOR_FILE = "connector.safetensors"
+CONNECTOR_CONFIG_FILE = "connector_config.json"
+README_FILE = "README.md"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
@@ -83,6 +92,58 @@ def export_llava(params: Mapping[str, Any], config: MM1Config, output: str, *,
          None, eos_token_id)
   _write_json(os.path.join(output, PREPROCESSOR_FILE), hf_llava.hf_image_processor_dict(config))
   return values
+
+
+def export_vision_tower(params: Mapping[str, Any], config: VitConfig, output: str, *,
+                        dtype: str = "float32") -> dict[str, Any] | None:
+  """Writes a CLIP- or SigLIP-shaped encoder (hf_vision.hf_vision_type) as a
+  transformers CLIPVisionModel / SiglipVisionModel directory holding the
+  blocks up to the feature layer, so its last_hidden_state is our encoder's
+  features (CLIP: after the class token's position). Returns its config.json
+  values, or None (nothing written) for another encoder."""
+  vision_type = hf_vision.hf_vision_type(config)
+  if vision_type is None:
+    return None
+  values = {"architectures": [f"{'CLIP' if vision_type == 'clip' else 'Siglip'}VisionModel"],
+            **hf_vision.hf_vision_config_dict(config, vision_type), "dtype": dtype}
+  _write(output, values, lambda: hf_vision.export_hf_vision(params, config, vision_type),
+         dtype, safetensors_writer.DEFAULT_MAX_SHARD_BYTES, None, None)
+  os.remove(os.path.join(output, GENERATION_CONFIG_FILE))  # Not a generative model.
+  return values
+
+
+def export_connector(params: Mapping[str, Any], config: ConnectorConfig, vision_width: int,
+                     llm_width: int, output: str) -> list[str]:
+  """Writes the connector's params as output/connector.safetensors, in
+  mm1_jax's own layout (names "/"-joined paths of the params tree, kernels
+  [in, out]), its ConnectorConfig as connector_config.json and a README.
+  Returns the tensor names."""
+  import dataclasses
+
+  from flax import traverse_util
+  flat = {"/".join(path): leaf for path, leaf in
+          traverse_util.flatten_dict(dict(params)).items()}
+  os.makedirs(output, exist_ok=True)
+  safetensors_writer.write_sharded(output, lambda: iter(sorted(flat.items())),
+                                   max_shard_bytes=2**62)
+  os.replace(os.path.join(output, safetensors_writer.SINGLE_FILE),
+             os.path.join(output, CONNECTOR_FILE))
+  _write_json(os.path.join(output, CONNECTOR_CONFIG_FILE),
+              {**dataclasses.asdict(config), "vision_width": vision_width,
+               "llm_width": llm_width})
+  with open(os.path.join(output, README_FILE), "w") as f:
+    f.write(f"# mm1_jax connector: {config.kind}\n\n"
+            f"transformers has no class for the {config.kind!r} vision-language connector, so "
+            "it is stored here in mm1_jax's own layout: connector.safetensors holds the "
+            "parameters of mm1_jax.models.connectors (names are \"/\"-joined paths of its "
+            "params tree; linear kernels are [in, out], not torch's [out, in]), "
+            "connector_config.json its ConnectorConfig. It maps the vision tower's patch "
+            f"features [batch, patches, {vision_width}] to {config.num_image_tokens} image "
+            f"tokens of width {llm_width} for the LLM.\n\n"
+            "Load it back with mm1_jax: flax.traverse_util.unflatten_dict of the tensors "
+            "(split each name at \"/\") is the params of "
+            "mm1_jax.models.connectors.build_connector(ConnectorConfig(**config), llm_width).\n")
+  return sorted(flat)
 
 
 def _write(output: str, values: Mapping[str, Any], tensors: safetensors_writer.TensorSource,

@@ -398,13 +398,19 @@ _TO_HF_ACTIVATION = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "g
 
 def hf_vision_config_dict(config: VitConfig, model_type: str) -> dict[str, Any]:
   """The vision_config of a transformers CLIP / SigLIP tower holding the
-  blocks `config` builds (num_layers_built): config.json values."""
-  return {"model_type": f"{model_type}_vision_model", "hidden_size": config.width,
-          "intermediate_size": config.mlp_dim, "num_hidden_layers": config.num_layers_built,
-          "num_attention_heads": config.num_heads, "image_size": config.image_size,
-          "patch_size": config.patch_size, "num_channels": 3,
-          "hidden_act": _TO_HF_ACTIVATION[config.activation], "layer_norm_eps": config.norm_eps,
-          "attention_dropout": 0.0}
+  blocks `config` builds (num_layers_built): config.json values. Its
+  image_size is the position embeddings' trained grid (pos_grid_size); a run
+  at another size needs interpolate_pos_encoding=True there."""
+  values = {"model_type": f"{model_type}_vision_model", "hidden_size": config.width,
+            "intermediate_size": config.mlp_dim, "num_hidden_layers": config.num_layers_built,
+            "num_attention_heads": config.num_heads,
+            "image_size": config.trained_grid_size * config.patch_size,
+            "patch_size": config.patch_size, "num_channels": 3,
+            "hidden_act": _TO_HF_ACTIVATION[config.activation],
+            "layer_norm_eps": config.norm_eps, "attention_dropout": 0.0}
+  if model_type == "siglip":
+    values["vision_use_head"] = False  # The attention-pooling head: never imported, not used.
+  return values
 
 
 def export_hf_vision(params: Mapping[str, Any], config: VitConfig, model_type: str

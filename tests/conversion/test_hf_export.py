@@ -172,6 +172,30 @@ def test_the_cli_exports_a_runs_llm(tmp_path):
   theirs = hf_logits(model, ids)
   assert np.max(np.abs(np.asarray(ours, np.float64) - theirs)) / np.max(np.abs(theirs)) <= 1e-5
 
+  # The C-Abstractor has no transformers class: the vision tower goes as a CLIPVisionModel
+  # (its patch features equal our encoder's), the connector in our layout with a README.
+  from mm1_jax.models.vit import VisionTransformer
+  params = testing.random_params(experiment.model)
+  assert f"Also the vision tower (transformers.AutoModel): {output / 'vision_tower'}" in (
+      result.stdout)
+  tower = transformers.AutoModel.from_pretrained(output / "vision_tower").eval()
+  assert type(tower).__name__ == "CLIPVisionModel"
+  pixels = np.random.default_rng(2).standard_normal((2, 64, 64, 3)).astype(np.float32)
+  features = VisionTransformer(experiment.model.encoder).apply({"params": params["encoder"]},
+                                                               pixels)
+  with torch.no_grad():
+    hidden = tower(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2))).last_hidden_state
+  np.testing.assert_allclose(hidden[:, 1:].numpy(), np.asarray(features), rtol=1e-5, atol=1e-5)
+  from flax import traverse_util
+  from safetensors.numpy import load_file
+  stored = load_file(output / "connector" / hf_export.CONNECTOR_FILE)
+  expected = traverse_util.flatten_dict(params["connector"], sep="/")
+  assert sorted(stored) == sorted(expected)
+  for name, value in expected.items():
+    np.testing.assert_array_equal(stored[name], value)
+  assert "transformers has no class for the 'c_abstractor'" in (
+      output / "connector" / hf_export.README_FILE).read_text()
+
 
 def test_export_refusals_name_the_fix(tmp_path):
   from mm1_jax import convert
