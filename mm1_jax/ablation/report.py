@@ -145,6 +145,8 @@ def plot_metrics(results: Sequence[dict], suite: Suite, path: str) -> None:
       means.append(mean)
       errors.append(half or 0.0)
     axis.bar(range(len(labels)), means, yerr=errors, capsize=3, color="tab:blue", alpha=0.8)
+    if metric.endswith("/perplexity"):  # Spans orders of magnitude across mixtures.
+      axis.set_yscale("log", nonpositive="clip")
     axis.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
     axis.set_title(metric, fontsize=8)
     axis.tick_params(axis="y", labelsize=7)
