@@ -122,8 +122,8 @@ def define_flags() -> None:
   flags.DEFINE_bool("lora_export", False, "--source is a LoRA training run (workdir or step "
                     "directory): write its LLM adapters as a Hugging Face peft adapter "
                     "directory (adapter_config.json + adapter_model.safetensors).")
-  flags.DEFINE_enum("to", None, ["hf"], "Export the training run --workdir (its LLM) to this "
-                    "format: hf = a transformers directory.")
+  flags.DEFINE_enum("to", None, ["hf"], "Export the training run --workdir to this format: "
+                    "hf = a transformers directory (a LLaVA, or the LLM; see --export).")
   flags.DEFINE_string("workdir", None, "With --to=hf: the training run to export.")
   flags.DEFINE_integer("step", None, "With --to=hf: the checkpoint step (default: the newest).",
                        lower_bound=0)
@@ -357,11 +357,11 @@ def step_source(workdir: str, step: int | None) -> str:
   from mm1_jax.training import checkpoint
   if step is None:
     return workdir
-  step_dir = paths.as_path(workdir) / checkpoint.CHECKPOINTS_DIR / str(step)
+  checkpoints = paths.as_path(workdir) / checkpoint.CHECKPOINTS_DIR
+  step_dir = checkpoints / str(step)
   if not step_dir.is_dir():
-    saved = sorted(int(p.name) for p in (paths.as_path(workdir) / checkpoint.CHECKPOINTS_DIR
-                                         ).iterdir() if p.name.isdigit()) if (
-        paths.as_path(workdir) / checkpoint.CHECKPOINTS_DIR).is_dir() else []
+    saved = (sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+             if checkpoints.is_dir() else [])
     raise FileNotFoundError(f"--step={step}: {workdir} has no checkpoint of that step (saved "
                             f"steps: {saved or 'none'}).")
   return str(step_dir)
@@ -391,18 +391,23 @@ def export_run_to_hf(source: str, output: str, dtype: str = "float32",
       if model.lora.quantized:
         raise ValueError(f"--workdir={source}: a QLoRA run's base is NF4, which a float "
                          "transformers model does not hold; export it merged (--lora_as=merged).")
+      elsewhere = [p for p in lora.adapted_module_paths(params) if not p.startswith("llm/")]
+      if elsewhere:  # A peft adapter of the causal LM has no place for them.
+        raise ValueError(f"--workdir={source}: the run has adapters outside the LLM "
+                         f"({elsewhere[0]}, {len(elsewhere)} in all), which a peft adapter of "
+                         "the LLM cannot hold; export it merged (--lora_as=merged).")
       adapters = peft_lora.export_peft_adapters(params["llm"], model.llm, model.lora)
       params = lora.without_lora(params)
     else:
       params = lora.merge_lora(params, model.lora)
   vocabulary = tokenizer.get_vocabulary(experiment.data.vocabulary)
-  lengths = dict(max_position_embeddings=experiment.data.seq_len,
-                 eos_token_id=int(vocabulary.eos_id))
+  run_settings = dict(max_position_embeddings=experiment.data.seq_len,
+                      eos_token_id=int(vocabulary.eos_id))
   if not_llava is None:
-    values = hf_export.export_llava(params, model, output, dtype=dtype, **lengths)
+    values = hf_export.export_llava(params, model, output, dtype=dtype, **run_settings)
     written = {"llava": output}
   else:
-    values = hf_export.export_llm(params["llm"], model.llm, output, dtype=dtype, **lengths)
+    values = hf_export.export_llm(params["llm"], model.llm, output, dtype=dtype, **run_settings)
     written = {"llm": output}
     if export == "auto":  # The other parts, as far as transformers has classes for them.
       tower = os.path.join(output, "vision_tower")

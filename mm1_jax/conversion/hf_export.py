@@ -72,7 +72,7 @@ def export_llm(params: Mapping[str, Any], config: DecoderConfig, output: str, *,
                                  max_position_embeddings=max_position_embeddings,
                                  bos_token_id=bos_token_id, eos_token_id=eos_token_id)
   _write(output, values, lambda: hf_llm.export_decoder(params, config), dtype, max_shard_bytes,
-         bos_token_id, eos_token_id)
+         generation={"bos_token_id": bos_token_id, "eos_token_id": eos_token_id})
   return values
 
 
@@ -89,7 +89,7 @@ def export_llava(params: Mapping[str, Any], config: MM1Config, output: str, *,
                                          max_position_embeddings=max_position_embeddings,
                                          eos_token_id=eos_token_id)
   _write(output, values, lambda: hf_llava.export_llava(params, config), dtype, max_shard_bytes,
-         None, eos_token_id)
+         generation={"eos_token_id": eos_token_id})
   _write_json(os.path.join(output, PREPROCESSOR_FILE), hf_llava.hf_image_processor_dict(config))
   return values
 
@@ -107,8 +107,7 @@ def export_vision_tower(params: Mapping[str, Any], config: VitConfig, output: st
   values = {"architectures": [f"{'CLIP' if vision_type == 'clip' else 'Siglip'}VisionModel"],
             **hf_vision.hf_vision_config_dict(config, vision_type), "dtype": dtype}
   _write(output, values, lambda: hf_vision.export_hf_vision(params, config, vision_type),
-         dtype, safetensors_writer.DEFAULT_MAX_SHARD_BYTES, None, None)
-  os.remove(os.path.join(output, GENERATION_CONFIG_FILE))  # Not a generative model.
+         dtype, safetensors_writer.DEFAULT_MAX_SHARD_BYTES)
   return values
 
 
@@ -125,9 +124,7 @@ def export_connector(params: Mapping[str, Any], config: ConnectorConfig, vision_
           traverse_util.flatten_dict(dict(params)).items()}
   os.makedirs(output, exist_ok=True)
   safetensors_writer.write_sharded(output, lambda: iter(sorted(flat.items())),
-                                   max_shard_bytes=2**62)
-  os.replace(os.path.join(output, safetensors_writer.SINGLE_FILE),
-             os.path.join(output, CONNECTOR_FILE))
+                                   max_shard_bytes=None, single_file=CONNECTOR_FILE)
   _write_json(os.path.join(output, CONNECTOR_CONFIG_FILE),
               {**dataclasses.asdict(config), "vision_width": vision_width,
                "llm_width": llm_width})
@@ -147,15 +144,16 @@ def export_connector(params: Mapping[str, Any], config: ConnectorConfig, vision_
 
 
 def _write(output: str, values: Mapping[str, Any], tensors: safetensors_writer.TensorSource,
-           dtype: str, max_shard_bytes: int, bos_token_id: int | None,
-           eos_token_id: int | None) -> None:
-  """The weights, config.json and generation_config.json of a model directory."""
+           dtype: str, max_shard_bytes: int,
+           generation: Mapping[str, int | None] | None = None) -> None:
+  """The weights and config.json of a model directory, and for a generative
+  model generation_config.json (`generation`'s ids that are set)."""
   os.makedirs(output, exist_ok=True)
   safetensors_writer.write_sharded(output, tensors, dtype=dtype, max_shard_bytes=max_shard_bytes)
   _write_json(os.path.join(output, CONFIG_FILE), values)
-  generation = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
-  _write_json(os.path.join(output, GENERATION_CONFIG_FILE),
-              {key: value for key, value in generation.items() if value is not None})
+  if generation is not None:
+    _write_json(os.path.join(output, GENERATION_CONFIG_FILE),
+                {key: value for key, value in generation.items() if value is not None})
 
 
 def export_tokenizer(vocabulary: Any, output: str, model_max_length: int) -> str | None:

@@ -36,7 +36,7 @@ DTYPES = {"float32": (np.dtype(np.float32), "F32"),
 TensorSource = Callable[[], Iterable[tuple[str, np.ndarray]]]
 
 
-def _plan(tensors: TensorSource, itemsize: int, max_shard_bytes: int
+def _plan(tensors: TensorSource, itemsize: int, max_shard_bytes: float
           ) -> list[list[tuple[str, tuple[int, ...]]]]:
   """Names and shapes per shard, in the order `tensors` gives them."""
   shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
@@ -68,21 +68,23 @@ def _header(entries: list[tuple[str, tuple[int, ...]]], dtype_name: str, itemsiz
 
 
 def write_sharded(directory: str | os.PathLike, tensors: TensorSource, dtype: str = "float32",
-                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict[str, str]:
+                  max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES,
+                  single_file: str = SINGLE_FILE) -> dict[str, str]:
   """Writes the tensors into `directory` (created; existing weight files of
   the same names are replaced). Returns {tensor name: file name}.
 
   tensors: called twice, yielding (name, array) in file order each time.
   dtype: "float32" | "bfloat16" (round to nearest even, as torch's .to()).
+  max_shard_bytes: None = one file, single_file, whatever the size.
   """
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r}: use one of {sorted(DTYPES)}.")
   numpy_dtype, dtype_name = DTYPES[dtype]
   itemsize = numpy_dtype.itemsize
-  shards = _plan(tensors, itemsize, max_shard_bytes)
+  shards = _plan(tensors, itemsize, max_shard_bytes or float("inf"))
   if not shards[0]:
     raise ValueError("no tensors to write.")
-  names = ([SINGLE_FILE] if len(shards) == 1 else
+  names = ([single_file] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
   weight_map = {name: file for file, entries in zip(names, shards) for name, _ in entries}
   os.makedirs(directory, exist_ok=True)

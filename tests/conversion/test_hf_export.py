@@ -127,17 +127,17 @@ def test_llms_transformers_cannot_hold_are_refused(tmp_path):
     safetensors_writer.write_sharded(str(tmp_path / "w"), lambda: iter(()), dtype="float16")
 
 
-def tiny_run(workdir, *arguments, lora_rank=0, connector=None, seq_len=64):
+def tiny_run(workdir, *arguments, lora=None, connector=None, seq_len=64):
   """A workdir with config.json and a step-7 checkpoint of random params of the tiny
-  model (configs/tiny.py:ARGUMENTS; LoRA adapters of lora_rank, alpha 2 x rank, on
-  the LLM's layers; connector: model.connector fields), built on the host."""
+  model (configs/tiny.py:ARGUMENTS; lora / connector: model.lora / model.connector
+  fields, alpha 2 x rank by default), built on the host."""
   from configs import tiny
   from mm1_jax.experiment import Experiment
   from mm1_jax.training import trainer
   config = tiny.get_config(",".join(arguments))
   config.data.seq_len = seq_len
-  if lora_rank:
-    config.model.lora.update(rank=lora_rank, alpha=2.0 * lora_rank)
+  if lora:
+    config.model.lora.update({"alpha": 2.0 * lora["rank"], **lora})
   config.model.connector.update(connector or {})
   experiment = Experiment.from_config(config)
   testing.write_random_checkpoint(experiment, str(workdir), step=7)
@@ -206,6 +206,12 @@ def test_export_refusals_name_the_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"--step=3: .* no checkpoint of that step "
                      r"\(saved steps: \[7\]\)"):
     convert.step_source(str(tmp_path / "moe"), 3)
+  tiny_run(tmp_path / "vision_lora", "dense",
+           lora={"rank": 4, "targets": ("llm/blocks/*", "encoder/blocks/*")})
+  with pytest.raises(ValueError, match=r"adapters outside the LLM \(encoder/blocks/"):
+    convert.export_run_to_hf(str(tmp_path / "vision_lora"), str(tmp_path / "out"),
+                             lora_as="peft")
+  assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("lora_as", ["merged", "peft"])
@@ -213,7 +219,7 @@ def test_a_lora_run_exports_merged_or_as_peft_adapters(lora_as, tmp_path):
   import peft
 
   from mm1_jax import convert
-  experiment = tiny_run(tmp_path / "run_lora", "dense", lora_rank=4)
+  experiment = tiny_run(tmp_path / "run_lora", "dense", lora={"rank": 4})
   lora = experiment.model.lora
   description = convert.export_run_to_hf(str(tmp_path / "run_lora"), str(tmp_path / "hf"),
                                          lora_as=lora_as)
