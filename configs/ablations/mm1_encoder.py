@@ -2,15 +2,19 @@
 
 MM1 (Sec. 3.2) finds that image resolution and the number of image tokens
 matter most and the vision-language connector's architecture matters little.
-Here: the tiny dense model pre-trained on mm1_pretrain with 4, 16 or 64 image
-tokens through each connector (C-Abstractor, average pooling, attention
-pooling; the MLP connector keeps all 64 patches); 0-shot captioning
-(CIDEr) and 4- and 8-shot VQA.
+Here: the tiny dense model pre-trained on image captions (mm1_caption_only)
+with 4, 16 or 64 image tokens through each connector (C-Abstractor, average
+pooling, attention pooling; the MLP connector keeps all 64 patches); 0-shot
+captioning (CIDEr) and 4- and 8-shot VQA. Captions, not the 45:45:10
+mixture: after 200 steps of mm1_pretrain the tiny model writes one caption
+for every image ("a green rectangle.", the same CIDEr for every connector;
+benchmarks/RESULTS.md), so nothing about the image path could show, while
+caption-only pre-training grounds its captions within 150 steps (mm1_data).
 
     python -m mm1_jax.ablate --suite=configs/ablations/mm1_encoder.py --workdir=DIR
 
-`--suite=configs/ablations/mm1_encoder.py:emoji` pre-trains on emoji_pretrain
-(the Noto emoji) and evaluates emoji captioning and category VQA instead.
+`--suite=configs/ablations/mm1_encoder.py:emoji` pre-trains on emoji captions
+(the Noto emoji's names) and evaluates emoji captioning and category VQA instead.
 """
 
 from mm1_jax.ablation.suite import Suite, Variant
@@ -19,7 +23,7 @@ CONNECTORS = (("C-Abstractor", "c_abstractor"), ("avg pool", "avg_pool"),
               ("attn pool", "attn_pool"))
 
 
-DATASETS = {"easy_vqa": "mm1_pretrain", "emoji": "emoji_pretrain"}
+DATASETS = {"easy_vqa": "mm1_caption_only", "emoji": "emoji_caption_only"}
 
 
 def get_suite(preset="full", dataset="easy_vqa"):
