@@ -15,9 +15,20 @@ caption-only pre-training grounds its captions within 150 steps (mm1_data).
 
 `--suite=configs/ablations/mm1_encoder.py:emoji` pre-trains on emoji captions
 (the Noto emoji's names) and evaluates emoji captioning and category VQA instead.
+
+`--suite=configs/ablations/mm1_encoder.py:mosaic` is the resolution half, on
+the one bundled task where resolution decides: 192 px mosaics of 3 x 3
+easy-vqa images, one question about one named cell (easy_vqa_mosaic_vqa).
+One run first learns single 64 px images (easy_vqa_vqa); from it each
+variant is tuned on the mosaic questions either seeing the mosaic downscaled
+to the 64 px encoder (~21 px a cell) or split MM1-style into its nine cells
+at full resolution plus the overview (10 image slots); 0-shot VQA accuracy.
+A variant's connector and token count must match the run it starts from, so
+this half varies resolution alone (benchmarks/highres_mosaic.py reports the
+same comparison per question kind).
 """
 
-from mm1_jax.ablation.suite import Suite, Variant
+from mm1_jax.ablation.suite import Pretrain, Suite, Variant
 
 CONNECTORS = (("C-Abstractor", "c_abstractor"), ("avg pool", "avg_pool"),
               ("attn pool", "attn_pool"))
@@ -27,8 +38,11 @@ DATASETS = {"easy_vqa": "mm1_caption_only", "emoji": "emoji_caption_only"}
 
 
 def get_suite(preset="full", dataset="easy_vqa"):
+  if dataset == "mosaic":
+    return resolution_suite(preset)
   if dataset not in DATASETS:
-    raise ValueError(f"mm1_encoder: unknown dataset {dataset!r}; use one of {list(DATASETS)}.")
+    raise ValueError(f"mm1_encoder: unknown dataset {dataset!r}; use one of "
+                     f"{list(DATASETS) + ['mosaic']}.")
   quick = preset == "quick"
   caption, vqa = f"{dataset}_caption", f"{dataset}_vqa"
   variants = [Variant(f"{label} {tokens} tokens",
@@ -51,3 +65,24 @@ def get_suite(preset="full", dataset="easy_vqa"):
                  "train.checkpoint_every": 2 if quick else 100},
       fewshot=(((caption, (0,)),) if quick else ((caption, (0,)), (vqa, (4, 8)))),
       max_queries=2 if quick else 100)
+
+
+def resolution_suite(preset):
+  quick = preset == "quick"
+  return Suite(
+      name="mm1_encoder_mosaic",
+      description=__doc__.split("\n\n")[4],
+      pretrain=Pretrain("configs/tiny.py:dense", num_steps=2 if quick else 300,
+                        label="single images (easy_vqa_vqa)",
+                        overrides={"data.mixture": "easy_vqa_vqa",
+                                   "optimizer.warmup_steps": 1 if quick else 30,
+                                   "train.checkpoint_every": 2 if quick else 100}),
+      base="configs/tiny.py:dense,mosaic",
+      variants=(Variant("64 px (mosaic downscaled)", {"data.image_split": "none"}),
+                Variant("3x3 crops + overview (MM1 split)",
+                        {"data.image_split": "mm1", "data.image_grids": ((3, 3),)})),
+      num_steps=2 if quick else 400,
+      seeds=(0,) if quick else (0, 1),
+      overrides={"train.checkpoint_every": 2 if quick else 200},
+      fewshot=(("easy_vqa_mosaic_vqa", (0,)),),
+      max_queries=2 if quick else 1000)
