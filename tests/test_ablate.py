@@ -206,19 +206,34 @@ def test_bad_suites_are_refused(tmp_path):
 @pytest.mark.parametrize("path,full_variants", [
     ("configs/ablations/mm1_data.py", 6), ("configs/ablations/mm1_data.py:emoji", 6),
     ("configs/ablations/mm1_encoder.py", 10), ("configs/ablations/mm1_encoder.py:emoji", 10),
+    ("configs/ablations/mm1_encoder.py:mosaic", 2),
     ("configs/ablations/llava_peft.py", 4), ("configs/ablations/llava_mixing.py", 2)])
 @pytest.mark.parametrize("preset", ["quick", "full"])
 def test_bundled_suites_name_what_is_registered(path, full_variants, preset):
+  """Every run of a bundled suite is a valid experiment over registered tasks."""
+  import importlib.util
   from mm1_jax.data import tasks
+  from mm1_jax.experiment import Experiment
   suite = load_suite(os.path.join(REPO, path), preset)
   assert len(suite.variants) == (2 if preset == "quick" else full_variants)
-  stages = [(suite.overrides, variant.overrides) for variant in suite.variants]
+  stages = [(suite.base, suite.num_steps, {**suite.overrides, **variant.overrides})
+            for variant in suite.variants]
   if suite.pretrain:
-    stages.append((suite.pretrain.overrides, {}))
-  for overrides, variant_overrides in stages:
-    mixture = {**overrides, **variant_overrides}.get("data.mixture")
-    if mixture:
-      tasks.get_task_or_mixture(mixture)
+    stages.append((suite.pretrain.base, suite.pretrain.num_steps, suite.pretrain.overrides))
+  for base, num_steps, overrides in stages:
+    config_file, _, arg = base.partition(":")
+    spec = importlib.util.spec_from_file_location("suite_base", os.path.join(REPO, config_file))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    for key, value in {**overrides, "train.num_steps": num_steps}.items():
+      *parents, leaf = key.split(".")
+      section = config
+      for parent in parents:
+        section = section[parent]
+      section[leaf] = value
+    Experiment.from_config(config, num_devices=1, check_init_from=False)
+    tasks.get_task_or_mixture(config.data.mixture)
   for task in [task for task, _ in suite.fewshot] + list(suite.perplexity_tasks):
     tasks.get_task_or_mixture(task)
   if ":" in path:

@@ -83,6 +83,7 @@ def resolution_suite(preset):
                         {"data.image_split": "mm1", "data.image_grids": ((3, 3),)})),
       num_steps=2 if quick else 400,
       seeds=(0,) if quick else (0, 1),
-      overrides={"train.checkpoint_every": 2 if quick else 200},
+      overrides={"optimizer.warmup_steps": 1 if quick else 20,
+                 "train.checkpoint_every": 2 if quick else 200},
       fewshot=(("easy_vqa_mosaic_vqa", (0,)),),
       max_queries=2 if quick else 1000)
