@@ -22,7 +22,8 @@ easy-vqa images, one question about one named cell (easy_vqa_mosaic_vqa).
 One run first learns single 64 px images (easy_vqa_vqa); from it each
 variant is tuned on the mosaic questions either seeing the mosaic downscaled
 to the 64 px encoder (~21 px a cell) or split MM1-style into its nine cells
-at full resolution plus the overview (10 image slots); 0-shot VQA accuracy.
+at full resolution plus the overview (10 image slots), also with an <image_row_end> token after
+each row of crops; 0-shot VQA accuracy.
 A variant's connector and token count must match the run it starts from, so
 this half varies resolution alone (benchmarks/highres_mosaic.py reports the
 same comparison per question kind).
@@ -69,6 +70,11 @@ def get_suite(preset="full", dataset="easy_vqa"):
 
 def resolution_suite(preset):
   quick = preset == "quick"
+  split = {"data.image_split": "mm1", "data.image_grids": ((3, 3),)}
+  variants = (Variant("64 px (mosaic downscaled)", {"data.image_split": "none"}),
+              Variant("3x3 crops + overview (MM1 split)", split),
+              # LLaVA-NeXT's row ends: which crop is which cell, told by structure.
+              Variant("split + row-end tokens", {**split, "data.image_row_end": True}))
   return Suite(
       name="mm1_encoder_mosaic",
       description=__doc__.split("\n\n")[4],
@@ -78,9 +84,7 @@ def resolution_suite(preset):
                                    "optimizer.warmup_steps": 1 if quick else 30,
                                    "train.checkpoint_every": 2 if quick else 100}),
       base="configs/tiny.py:dense,mosaic",
-      variants=(Variant("64 px (mosaic downscaled)", {"data.image_split": "none"}),
-                Variant("3x3 crops + overview (MM1 split)",
-                        {"data.image_split": "mm1", "data.image_grids": ((3, 3),)})),
+      variants=variants[:2] if quick else variants,
       num_steps=2 if quick else 400,
       seeds=(0,) if quick else (0, 1),
       overrides={"optimizer.warmup_steps": 1 if quick else 20,
