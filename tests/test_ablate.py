@@ -189,6 +189,16 @@ def test_intervals_are_student_t(values):
   assert report.mean_interval([5.0]) == (5.0, None)
 
 
+def test_vqa_panels_carry_their_tasks_question_prior():
+  table = {"vqa/4shot/vqa_accuracy": {"a": [0.1, 0.2]},
+           "vqa/question_prior/vqa_accuracy": {"a": [0.67, 0.67], "b": [0.67]},
+           "caption/0shot/cider": {"a": [4.0]}}
+  assert report._question_prior("vqa/4shot/vqa_accuracy", table) == pytest.approx(0.67)
+  assert report._question_prior("vqa/4shot/exact_match", table) is None  # No exact-match prior.
+  assert report._question_prior("vqa/question_prior/vqa_accuracy", table) is None
+  assert report._question_prior("caption/0shot/cider", table) is None
+
+
 def test_bad_suites_are_refused(tmp_path):
   with pytest.raises(ConfigError, match="collide"):
     Suite(name="x", base="configs/tiny.py", num_steps=1, perplexity_tasks=("shakespeare_text",),

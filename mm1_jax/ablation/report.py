@@ -124,20 +124,38 @@ def markdown(results: Sequence[dict], suite: Suite, preset: str) -> str:
   return "\n".join(lines)
 
 
+PROPORTIONS = ("/vqa_accuracy", "/exact_match")
+
+
+def _question_prior(metric: str, table: dict[str, dict[str, list[float]]]) -> float | None:
+  """The question-only baseline of a VQA metric's task (the same for every run)."""
+  task, _, name = metric.partition("/")
+  name = name.rpartition("/")[2]
+  by_variant = table.get(f"{task}/question_prior/{name}")
+  if not by_variant or "/question_prior/" in metric:
+    return None
+  values = [value for values in by_variant.values() for value in values]
+  return float(np.mean(values)) if values else None
+
+
 def plot_metrics(results: Sequence[dict], suite: Suite, path: str) -> None:
-  """One bar chart per metric (a panel each), error bars = 95% intervals."""
+  """One bar chart per metric (a panel each), error bars = 95% intervals;
+  proportions on [0, 1] with the task's question-only prior as a dashed line."""
   import matplotlib
   matplotlib.use("Agg")  # Headless.
   import matplotlib.pyplot as plt
 
   table = metric_table(results, suite)
-  if not table:
+  # A question prior is drawn as a line on its task's panels, not as bars.
+  panels = {metric: by_variant for metric, by_variant in table.items()
+            if "/question_prior/" not in metric}
+  if not panels:
     return
-  columns = min(3, len(table))
-  rows = math.ceil(len(table) / columns)
+  columns = min(3, len(panels))
+  rows = math.ceil(len(panels) / columns)
   figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
   labels = [v.label for v in suite.variants]
-  for axis, (metric, by_variant) in zip(axes.flat, table.items()):
+  for axis, (metric, by_variant) in zip(axes.flat, panels.items()):
     means, errors = [], []
     for label in labels:
       values = by_variant[label]
@@ -147,10 +165,17 @@ def plot_metrics(results: Sequence[dict], suite: Suite, path: str) -> None:
     axis.bar(range(len(labels)), means, yerr=errors, capsize=3, color="tab:blue", alpha=0.8)
     if metric.endswith("/perplexity"):  # Spans orders of magnitude across mixtures.
       axis.set_yscale("log", nonpositive="clip")
+    if metric.endswith(PROPORTIONS):  # Two seeds' t intervals overshoot [0, 1].
+      axis.set_ylim(0.0, 1.0)
+      prior = _question_prior(metric, table)
+      if prior is not None:
+        axis.axhline(prior, color="tab:red", linestyle="--", linewidth=1)
+        axis.text(len(labels) - 0.5, prior, "question prior", color="tab:red", fontsize=6,
+                  ha="right", va="bottom")
     axis.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
     axis.set_title(metric, fontsize=8)
     axis.tick_params(axis="y", labelsize=7)
-  for axis in list(axes.flat)[len(table):]:
+  for axis in list(axes.flat)[len(panels):]:
     axis.axis("off")
   figure.suptitle(f"{suite.name}: mean over seeds, 95% intervals", fontsize=9)
   figure.tight_layout()
