@@ -135,6 +135,17 @@ def _validate_image_split(c: InputConfig) -> None:
                       "set image_split='mm1' or 'anyres', or unset it.")
 
 
+def check_row_end_fits(tokenizer_size: int, llm_vocab_size: int) -> int:
+  """The <image_row_end> id: the one after the tokenizer's last, which the
+  LLM's embedding table must have a row for."""
+  if tokenizer_size >= llm_vocab_size:
+    raise ConfigError(
+        f"data.image_row_end: the <image_row_end> token takes id {tokenizer_size} (after the "
+        f"tokenizer's {tokenizer_size} ids) but llm.vocab_size is {llm_vocab_size}; set "
+        f"llm.vocab_size >= {tokenizer_size + 1} or image_row_end=False.")
+  return tokenizer_size
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitScheme:
   """How images are split: data.image_split and its options, resolved.

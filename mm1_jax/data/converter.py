@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 import seqio
 
+from mm1_jax.data import config as data_config
 from mm1_jax.data import packing, tokenizer
 from mm1_jax.data.config import SplitScheme
 from mm1_jax.data.image_split import expand_split_markers
@@ -61,13 +62,8 @@ class MultimodalFeatureConverter:
     # LLM's embedding table like any token.
     self.row_end_id = None
     if image_split is not None and image_split.row_end:
-      self.row_end_id = vocabulary.vocab_size
-      if self.row_end_id >= model.llm.vocab_size:
-        raise ConfigError(
-            f"data.image_row_end: the <image_row_end> token takes id {self.row_end_id} (after "
-            f"the tokenizer's {vocabulary.vocab_size} ids) but llm.vocab_size is "
-            f"{model.llm.vocab_size}; set llm.vocab_size >= {self.row_end_id + 1} or "
-            "image_row_end=False.")
+      self.row_end_id = data_config.check_row_end_fits(vocabulary.vocab_size,
+                                                       model.llm.vocab_size)
     size = model.encoder.image_size
     self._packer = packing.Packer(
         length=seq_len, max_images=model.max_images, image_shape=(size, size, 3),

@@ -230,6 +230,17 @@ def test_max_images_must_hold_one_split_image():
     experiment.Experiment.from_config(config)
 
 
+def test_row_end_token_needs_an_embedding_row_before_training():
+  """Refused up front (the whole model's config), not at the pipeline's start."""
+  config = tiny.get_config("mosaic,split=mm1")
+  config.data.image_row_end = True
+  with pytest.raises(ConfigError, match=r"<image_row_end> token takes id 4096 .* set "
+                                        r"llm.vocab_size >= 4097"):
+    experiment.Experiment.from_config(config)
+  config.model.llm.vocab_size = 4097
+  experiment.Experiment.from_config(config)
+
+
 def test_pipeline_batches_hold_every_sub_image():
   config = InputConfig(mixture="easy_vqa_caption", batch_size=2, seq_len=192, seed=3,
                        image_split="mm1", image_grids=((2, 2),))
