@@ -22,9 +22,9 @@ easy-vqa images, one question about one named cell (easy_vqa_mosaic_vqa).
 One run first learns single 64 px images (easy_vqa_vqa); from it each
 variant is tuned on the mosaic questions either seeing the mosaic downscaled
 to the 64 px encoder (~21 px a cell) or split MM1-style into its nine cells
-at full resolution plus the overview (10 image slots), also with an <image_row_end> token after
-each row of crops; 0-shot VQA accuracy.
-A variant's connector and token count must match the run it starts from, so
+at full resolution plus the overview (10 image slots), also with an
+<image_row_end> token after each row of crops; 0-shot VQA accuracy. A
+variant's connector and token count must match the run it starts from, so
 this half varies resolution alone (benchmarks/highres_mosaic.py reports the
 same comparison per question kind).
 """
