@@ -27,6 +27,10 @@ at full resolution plus the overview (10 image slots), also with an
 variant's connector and token count must match the run it starts from, so
 this half varies resolution alone (benchmarks/highres_mosaic.py reports the
 same comparison per question kind).
+
+`--suite=configs/ablations/mm1_encoder.py:mosaic_long` is issue 19's
+acceptance run: the downscaled mosaic against the MM1 split alone, 2000 steps
+each (5x the mosaic suite), 2 seeds, scored on all 2,000 test questions.
 """
 
 from mm1_jax.ablation.suite import Pretrain, Suite, Variant
@@ -39,11 +43,11 @@ DATASETS = {"easy_vqa": "mm1_caption_only", "emoji": "emoji_caption_only"}
 
 
 def get_suite(preset="full", dataset="easy_vqa"):
-  if dataset == "mosaic":
-    return resolution_suite(preset)
+  if dataset in ("mosaic", "mosaic_long"):
+    return resolution_suite(preset, long=dataset == "mosaic_long")
   if dataset not in DATASETS:
     raise ValueError(f"mm1_encoder: unknown dataset {dataset!r}; use one of "
-                     f"{list(DATASETS) + ['mosaic']}.")
+                     f"{list(DATASETS) + ['mosaic', 'mosaic_long']}.")
   quick = preset == "quick"
   caption, vqa = f"{dataset}_caption", f"{dataset}_vqa"
   variants = [Variant(f"{label} {tokens} tokens",
@@ -68,7 +72,9 @@ def get_suite(preset="full", dataset="easy_vqa"):
       max_queries=2 if quick else 100)
 
 
-def resolution_suite(preset):
+def resolution_suite(preset, long=False):
+  """long: the downscaled and split variants only, 2000 steps, every test
+  question (~26 minutes a seed on 2 CPU cores)."""
   quick = preset == "quick"
   split = {"data.image_split": "mm1", "data.image_grids": ((3, 3),)}
   variants = (Variant("64 px (mosaic downscaled)", {"data.image_split": "none"}),
@@ -78,8 +84,11 @@ def resolution_suite(preset):
   # Room for the <image_row_end> id after the tokenizer's 4,096 (embedding rows
   # in every stage, so that each variant can start from the one pre-training).
   vocab = {"model.llm.vocab_size": 4160}
+  if long:
+    variants = variants[:2]
+  num_steps = 2 if quick else (2000 if long else 400)
   return Suite(
-      name="mm1_encoder_mosaic",
+      name="mm1_encoder_mosaic" + ("_long" if long else ""),
       description=__doc__.split("\n\n")[4],
       pretrain=Pretrain("configs/tiny.py:dense", num_steps=2 if quick else 300,
                         label="single images (easy_vqa_vqa)",
@@ -87,10 +96,11 @@ def resolution_suite(preset):
                                    "optimizer.warmup_steps": 1 if quick else 30,
                                    "train.checkpoint_every": 2 if quick else 100}),
       base="configs/tiny.py:dense,mosaic",
-      variants=(variants[0], variants[2]) if quick else variants,
-      num_steps=2 if quick else 400,
+      variants=(variants[0], variants[-1]) if quick else variants,
+      num_steps=num_steps,
       seeds=(0,) if quick else (0, 1),
       overrides={**vocab, "optimizer.warmup_steps": 1 if quick else 20,
-                 "train.checkpoint_every": 2 if quick else 200},
+                 "train.checkpoint_every": 2 if quick else (500 if long else 200)},
       fewshot=(("easy_vqa_mosaic_vqa", (0,)),),
-      max_queries=2 if quick else 1000)
+      # 0: all 2,000 test questions.
+      max_queries=2 if quick else (0 if long else 1000))
