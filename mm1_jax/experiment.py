@@ -250,17 +250,19 @@ def _check_image_split_fits(e: Experiment) -> None:
         "example), or use a smaller grid.")
 
 
-def _check_row_end_fits(e: Experiment) -> None:
-  """The <image_row_end> id (after the tokenizer's last) has an embedding row:
-  checked here, before anything trains, as the pipeline would at its start."""
-  if e.data.image_split == "none" or not e.data.image_row_end:
+def _check_split_tokens_fit(e: Experiment) -> None:
+  """The <image_row_end> and <crop r,c> ids (after the tokenizer's last) have
+  embedding rows: checked here, before anything trains, as the pipeline would
+  at its start."""
+  scheme = data_config.SplitScheme.from_config(e.data)
+  if scheme is None or not (scheme.row_end or scheme.crop_indicators):
     return
   try:
     from mm1_jax.data import tokenizer  # SeqIO: a machine without it reads no data.
   except ImportError:
     return
   vocabulary = tokenizer.get_vocabulary(e.data.vocabulary or None)
-  data_config.check_row_end_fits(vocabulary.vocab_size, e.model.llm.vocab_size)
+  data_config.split_token_ids(scheme, vocabulary.vocab_size, e.model.llm.vocab_size)
 
 
 def _check_workdir(workdir: str) -> None:
@@ -306,7 +308,7 @@ def validate(e: Experiment, *, workdir: str | None = None, num_devices: int | No
                       f"{t.num_steps}; the cosine would be cut off. Use <= num_steps, or "
                       "unset it (= num_steps).")
   _check_image_split_fits(e)
-  _check_row_end_fits(e)
+  _check_split_tokens_fit(e)
   has_images = mixture_has_images or _bundled_mixture_has_images
   if has_images(e.data.mixture, e.data.vocabulary):
     image_tokens = data_config.tokens_per_image(e.data, e.model.num_image_tokens)

@@ -159,9 +159,10 @@ def layout_prompt(ids: np.ndarray, images: Sequence[PromptImage], model_config, 
 
   ids: int32 [n], one <image> marker id per image; images: one PromptImage
   per marker. Each marker becomes its placeholder run(s) (one per slot,
-  bracketed when data.image_start_end, row ends with data.image_row_end) by
-  the data converter; the input is the converter's decoder_input_tokens,
-  i.e. the 0 start token followed by the whole prompt. Returns int32 [m].
+  bracketed when data.image_start_end, row ends with data.image_row_end,
+  crop indicators with data.image_crop_indicators) by the data converter;
+  the input is the converter's decoder_input_tokens, i.e. the 0 start token
+  followed by the whole prompt. Returns int32 [m].
   Raises GenerateInputError when markers and images differ in number or
   their slots exceed model.max_images.
   """
@@ -182,8 +183,9 @@ def layout_prompt(ids: np.ndarray, images: Sequence[PromptImage], model_config, 
     raise GenerateInputError(f"the prompt has {what}; the model takes at most "
                              f"max_images={model_config.max_images}.")
   # An upper bound of the expanded length (runs with start/end tokens, row
-  # ends, the EOS below), so the converter's fitting never cuts the prompt.
-  seq_len = len(ids) + 1 + len(slots) * (model_config.num_image_tokens + 3)
+  # ends, crop indicators, the EOS below), so the converter's fitting never
+  # cuts the prompt.
+  seq_len = len(ids) + 1 + len(slots) * (model_config.num_image_tokens + 4)
   scheme = SplitScheme.from_config(data_config)
   converter = MultimodalFeatureConverter(model_config, vocabulary, seq_len, pack=False,
                                          image_start_end=data_config.image_start_end,

@@ -217,7 +217,7 @@ def test_bad_suites_are_refused(tmp_path):
     ("configs/ablations/mm1_data.py", 6), ("configs/ablations/mm1_data.py:emoji", 6),
     ("configs/ablations/mm1_encoder.py", 10), ("configs/ablations/mm1_encoder.py:emoji", 10),
     ("configs/ablations/mm1_encoder.py:mosaic", 3),
-    ("configs/ablations/mm1_encoder.py:mosaic_long", 2),
+    ("configs/ablations/mm1_encoder.py:mosaic_long", 3),
     ("configs/ablations/llava_peft.py", 4), ("configs/ablations/llava_mixing.py", 2)])
 @pytest.mark.parametrize("preset", ["quick", "full"])
 def test_bundled_suites_name_what_is_registered(path, full_variants, preset):

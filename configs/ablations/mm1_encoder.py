@@ -29,8 +29,10 @@ this half varies resolution alone (benchmarks/highres_mosaic.py reports the
 same comparison per question kind).
 
 `--suite=configs/ablations/mm1_encoder.py:mosaic_long` is issue 19's
-acceptance run: the downscaled mosaic against the MM1 split alone, 2000 steps
-each (5x the mosaic suite), 2 seeds, scored on all 2,000 test questions.
+acceptance run: the downscaled mosaic against the MM1 split, and the split
+with a learned <crop row,col> token before each crop (MM1.5's sub-image
+position indicator), 2000 steps each (5x the mosaic suite), 2 seeds, scored
+on all 2,000 test questions.
 """
 
 from mm1_jax.ablation.suite import Pretrain, Suite, Variant
@@ -73,23 +75,25 @@ def get_suite(preset="full", dataset="easy_vqa"):
 
 
 def resolution_suite(preset, long=False):
-  """long: the downscaled and split variants only, 2000 steps, every test
-  question (~26 minutes a seed on 2 CPU cores)."""
+  """long: downscaled, split and split + crop indicators, 2000 steps, every
+  test question (~40 minutes a seed on 2 CPU cores)."""
   quick = preset == "quick"
   split = {"data.image_split": "mm1", "data.image_grids": ((3, 3),)}
   variants = (Variant("64 px (mosaic downscaled)", {"data.image_split": "none"}),
               Variant("3x3 crops + overview (MM1 split)", split),
               # LLaVA-NeXT's row ends: which crop is which cell, told by structure.
-              Variant("split + row-end tokens", {**split, "data.image_row_end": True}))
-  # Room for the <image_row_end> id after the tokenizer's 4,096 (embedding rows
-  # in every stage, so that each variant can start from the one pre-training).
+              Variant("split + row-end tokens", {**split, "data.image_row_end": True}),
+              # MM1.5's indicators: which crop is which cell, told by a token.
+              Variant("split + crop indicators", {**split, "data.image_crop_indicators": True}))
+  # Room for the <image_row_end> and <crop r,c> ids after the tokenizer's
+  # 4,096 (embedding rows in every stage, so that each variant can start from
+  # the one pre-training).
   vocab = {"model.llm.vocab_size": 4160}
-  if long:
-    variants = variants[:2]
+  variants = (variants[0], variants[1], variants[3]) if long else variants[:3]
   num_steps = 2 if quick else (2000 if long else 400)
   return Suite(
       name="mm1_encoder_mosaic" + ("_long" if long else ""),
-      description=__doc__.split("\n\n")[4],
+      description=__doc__.split("\n\n")[5 if long else 4],
       pretrain=Pretrain("configs/tiny.py:dense", num_steps=2 if quick else 300,
                         label="single images (easy_vqa_vqa)",
                         overrides={**vocab, "data.mixture": "easy_vqa_vqa",

@@ -51,6 +51,10 @@ class InputConfig:
   # An <image_row_end> token after each row of crops (LLaVA-NeXT's
   # image_newline); its id is the one after the tokenizer's last.
   image_row_end: bool = False
+  # A learned <crop row,col> token before each crop (MM1.5's sub-image
+  # position indicator, without its image index): ids after <image_row_end>'s,
+  # one per cell of the largest grid side squared.
+  image_crop_indicators: bool = False
   shuffle: bool = True
   seed: int = 0
   num_epochs: int | None = None  # None: repeat forever (training).
@@ -129,21 +133,42 @@ def _validate_image_split(c: InputConfig) -> None:
   if c.image_overview not in ("", "first", "last"):
     raise ConfigError(f"data.image_overview: {c.image_overview!r} is not 'first', 'last' or "
                       "'' (the scheme's own place).")
-  if c.image_split == "none" and (c.image_overview or c.image_row_end):
-    field = "image_overview" if c.image_overview else "image_row_end"
+  if c.image_split == "none" and (c.image_overview or c.image_row_end
+                                  or c.image_crop_indicators):
+    field = ("image_overview" if c.image_overview else
+             "image_row_end" if c.image_row_end else "image_crop_indicators")
     raise ConfigError(f"data.{field}: set, but data.image_split='none' does not split images; "
                       "set image_split='mm1' or 'anyres', or unset it.")
 
 
-def check_row_end_fits(tokenizer_size: int, llm_vocab_size: int) -> int:
-  """The <image_row_end> id: the one after the tokenizer's last, which the
-  LLM's embedding table must have a row for."""
-  if tokenizer_size >= llm_vocab_size:
+def split_token_ids(scheme: "SplitScheme | None", tokenizer_size: int,
+                    llm_vocab_size: int) -> tuple[int | None, int | None]:
+  """(<image_row_end> id, <crop 0,0> id), each None when the scheme has none.
+
+  Learned tokens after the tokenizer's last id, at fixed places whichever are
+  used (so one checkpoint's rows mean the same in every variant):
+  <image_row_end> = tokenizer_size; <crop r,c> = tokenizer_size + 1 + r * G +
+  c, G = scheme.max_grid_side. Raises ConfigError when the LLM's embedding
+  table has no row for one of them.
+  """
+  if scheme is None:
+    return None, None
+  row_end_id = tokenizer_size if scheme.row_end else None
+  crop_base = tokenizer_size + 1 if scheme.crop_indicators else None
+  if row_end_id is not None and row_end_id >= llm_vocab_size:
     raise ConfigError(
         f"data.image_row_end: the <image_row_end> token takes id {tokenizer_size} (after the "
         f"tokenizer's {tokenizer_size} ids) but llm.vocab_size is {llm_vocab_size}; set "
         f"llm.vocab_size >= {tokenizer_size + 1} or image_row_end=False.")
-  return tokenizer_size
+  if crop_base is not None:
+    last = crop_base + scheme.max_grid_side ** 2 - 1
+    if last >= llm_vocab_size:
+      raise ConfigError(
+          f"data.image_crop_indicators: the <crop row,col> tokens of a grid side of "
+          f"{scheme.max_grid_side} take ids {crop_base}..{last} (after the tokenizer's "
+          f"{tokenizer_size} ids and <image_row_end>) but llm.vocab_size is {llm_vocab_size}; "
+          f"set llm.vocab_size >= {last + 1} or image_crop_indicators=False.")
+  return row_end_id, crop_base
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,12 +176,14 @@ class SplitScheme:
   """How images are split: data.image_split and its options, resolved.
 
   grids: (rows, cols) per candidate; overview_first: the overview's place
-  among an image's slots; row_end: an <image_row_end> token after each row.
+  among an image's slots; row_end: an <image_row_end> token after each row;
+  crop_indicators: a <crop row,col> token before each crop.
   """
   kind: str
   grids: tuple[tuple[int, int], ...]
   overview_first: bool
   row_end: bool
+  crop_indicators: bool = False
 
   @classmethod
   def from_config(cls, config: InputConfig) -> "SplitScheme | None":
@@ -166,7 +193,8 @@ class SplitScheme:
     overview = config.image_overview or ("last" if config.image_split == "mm1" else "first")
     return cls(kind=config.image_split,
                grids=tuple((int(r), int(c)) for r, c in config.image_grids),
-               overview_first=overview == "first", row_end=config.image_row_end)
+               overview_first=overview == "first", row_end=config.image_row_end,
+               crop_indicators=config.image_crop_indicators)
 
   @property
   def max_slots(self) -> int:
@@ -190,10 +218,10 @@ def slots_per_image(config: InputConfig) -> int:
 
 def tokens_per_image(config: InputConfig, num_image_tokens: int) -> int:
   """Sequence tokens one image takes at most: each slot's run (placeholders,
-  start/end) and the row-end tokens."""
+  start/end), the row-end and the crop-indicator tokens."""
   run = num_image_tokens + 2 * int(config.image_start_end)
   scheme = SplitScheme.from_config(config)
   if scheme is None:
     return run
   return max((rows * cols + 1) * run + (rows if scheme.row_end else 0)
-             for rows, cols in scheme.grids)
+             + (rows * cols if scheme.crop_indicators else 0) for rows, cols in scheme.grids)

@@ -58,12 +58,10 @@ class MultimodalFeatureConverter:
     self.start_id = special["<image_start>"] if image_start_end else None
     self.end_id = special["<image_end>"] if image_start_end else None
     self.image_split = image_split
-    # <image_row_end>: the id after the tokenizer's last, learned by the
-    # LLM's embedding table like any token.
-    self.row_end_id = None
-    if image_split is not None and image_split.row_end:
-      self.row_end_id = data_config.check_row_end_fits(vocabulary.vocab_size,
-                                                       model.llm.vocab_size)
+    # <image_row_end> and <crop r,c>: ids after the tokenizer's last, learned
+    # by the LLM's embedding table like any token.
+    self.row_end_id, self.crop_indicator_base = data_config.split_token_ids(
+        image_split, vocabulary.vocab_size, model.llm.vocab_size)
     size = model.encoder.image_size
     self._packer = packing.Packer(
         length=seq_len, max_images=model.max_images, image_shape=(size, size, 3),
@@ -92,7 +90,7 @@ class MultimodalFeatureConverter:
                          "decode its images with image_split.decode_and_split.")
       tokens, loss_mask, image_group, cut_after = expand_split_markers(
           tokens, loss_mask, self.marker_id, example["image_layouts"], self.image_split,
-          self.row_end_id, cut_after)
+          self.row_end_id, cut_after, self.crop_indicator_base)
     run_length = self.model.num_image_tokens + (self.start_id is not None) + (
         self.end_id is not None)
     if cut_after is not None:

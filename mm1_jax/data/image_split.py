@@ -145,17 +145,21 @@ def decode_and_split(encoded: tf.Tensor, image_size: int, policy: str, scheme: S
 
 def expand_split_markers(tokens: Any, loss_mask: Any, marker_id: int, layouts: Any,
                          scheme: SplitScheme, row_end_id: int | None = None,
-                         cut_after: Any = None
+                         cut_after: Any = None, crop_indicator_base: int | None = None
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-  """Replaces each image's marker by one marker per slot (and row ends).
+  """Replaces each image's marker by one marker per slot (and row ends,
+  crop indicators).
 
   tokens: int [n] with one marker per image; loss_mask: [n]; layouts: int
   [k, 2] (rows, cols) per image, k = the markers; row_end_id: the
-  <image_row_end> id when scheme.row_end; cut_after: bool [n] or None.
+  <image_row_end> id when scheme.row_end; cut_after: bool [n] or None;
+  crop_indicator_base: the <crop 0,0> id when scheme.crop_indicators (crop
+  (r, c) gets base + r * scheme.max_grid_side + c, before its marker).
   Returns (tokens int32 [n'], loss_mask int32 [n'] (0 on the inserted
-  tokens), image_group int32 [n'] (the image's index on its markers and row
-  ends, -1 on text), cut_after bool [n'] or None (False inside an image)).
-  Raises ValueError when markers and layouts differ in number.
+  tokens), image_group int32 [n'] (the image's index on its markers, row
+  ends and indicators, -1 on text), cut_after bool [n'] or None (False
+  inside an image)). Raises ValueError when markers and layouts differ in
+  number.
   """
   tokens = np.asarray(tokens, np.int32).reshape(-1)
   loss_mask = (np.asarray(loss_mask).reshape(-1) != 0).astype(np.int32)
@@ -166,6 +170,10 @@ def expand_split_markers(tokens: Any, loss_mask: Any, marker_id: int, layouts: A
                      "image layout(s) came with them.")
   if scheme.row_end and row_end_id is None:
     raise ValueError("the split scheme has row-end tokens but no row_end_id was given.")
+  if scheme.crop_indicators and crop_indicator_base is None:
+    raise ValueError("the split scheme has crop indicators but no crop_indicator_base was "
+                     "given.")
+  side = scheme.max_grid_side
   pieces_tokens, pieces_mask, pieces_group, pieces_cut = [], [], [], []
   cut_after = None if cut_after is None else np.asarray(cut_after, bool).reshape(-1)
   previous = 0
@@ -175,8 +183,14 @@ def expand_split_markers(tokens: Any, loss_mask: Any, marker_id: int, layouts: A
     pieces_group.append(np.full(position - previous, -1, np.int32))
     if cut_after is not None:
       pieces_cut.append(cut_after[previous:position])
-    crop_row = [marker_id] * int(cols) + ([row_end_id] if scheme.row_end else [])
-    crops = crop_row * int(rows)
+    crops = []
+    for row in range(int(rows)):
+      for col in range(int(cols)):
+        if scheme.crop_indicators:
+          crops.append(crop_indicator_base + row * side + col)
+        crops.append(marker_id)
+      if scheme.row_end:
+        crops.append(row_end_id)
     run = [marker_id] + crops if scheme.overview_first else crops + [marker_id]
     pieces_tokens.append(np.asarray(run, np.int32))
     pieces_mask.append(np.zeros(len(run), np.int32))

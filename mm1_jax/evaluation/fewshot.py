@@ -328,6 +328,7 @@ class FewShotEvaluationSet:
     self._marker_id, self._start_id, self._end_id = (converter.marker_id, converter.start_id,
                                                      converter.end_id)
     self._row_end_id = converter.row_end_id
+    self._crop_indicator_base = converter.crop_indicator_base
     self.eval_split = eval_split or default_eval_split(task_name, vocabulary_path)
     self.queries = load_task_examples(task_name, self.eval_split, vocabulary_path, max_queries)
     if not self.queries:
@@ -378,8 +379,9 @@ class FewShotEvaluationSet:
                        "larger max_images.")
     expanded = ids
     if self.image_split is not None:
-      expanded, _, _, _ = expand_split_markers(ids, np.zeros_like(ids), self._marker_id, layouts,
-                                               self.image_split, self._row_end_id)
+      expanded, _, _, _ = expand_split_markers(
+          ids, np.zeros_like(ids), self._marker_id, layouts, self.image_split,
+          self._row_end_id, crop_indicator_base=self._crop_indicator_base)
     expanded, _ = packing.expand_image_markers(expanded, np.zeros_like(expanded),
                                                self._marker_id, self.model.num_image_tokens,
                                                self._start_id, self._end_id)

@@ -29,9 +29,10 @@ def png(height, width, seed=0):
   return buffer.getvalue(), pixels
 
 
-def scheme(kind, grids, overview="", row_end=False):
+def scheme(kind, grids, overview="", row_end=False, crop_indicators=False):
   return SplitScheme.from_config(InputConfig(image_split=kind, image_grids=grids,
-                                             image_overview=overview, image_row_end=row_end))
+                                             image_overview=overview, image_row_end=row_end,
+                                             image_crop_indicators=crop_indicators))
 
 
 def reassemble(crops, rows, cols):
@@ -128,6 +129,51 @@ def test_markers_become_one_per_slot_with_row_ends():
     image_split.expand_split_markers(tokens, np.ones(5), 3, [[2, 2]], split, 99)
 
 
+def test_crop_indicators_name_each_crop_by_its_row_and_column():
+  """<crop r,c> = base + r * G + c (G: the largest grid side), before each crop."""
+  split = scheme("anyres", ((2, 2), (1, 3)), overview="first", row_end=True,
+                 crop_indicators=True)
+  tokens = np.array([10, 3, 11, 3])
+  out, mask, group, _ = image_split.expand_split_markers(
+      tokens, np.ones(4), 3, [[2, 2], [1, 3]], split, row_end_id=99, crop_indicator_base=100)
+  assert out.tolist() == [10, 3, 100, 3, 101, 3, 99, 103, 3, 104, 3, 99,
+                          11, 3, 100, 3, 101, 3, 102, 3, 99]
+  assert mask.tolist() == [1] + [0] * 11 + [1] + [0] * 8
+  assert group.tolist() == [-1] + [0] * 11 + [-1] + [1] * 8
+  with pytest.raises(ValueError, match="no crop_indicator_base"):
+    image_split.expand_split_markers(tokens, np.ones(4), 3, [[2, 2], [1, 3]], split, 99)
+
+
+def test_crop_indicators_are_laid_out_by_the_converter_and_never_trained_on():
+  split = scheme("mm1", ((3, 3),), crop_indicators=True)
+  # 4096 ids of the tokenizer, <image_row_end> 4096, <crop 0,0>..<crop 2,2> 4097..4105.
+  model = dataclasses.replace(MODEL, max_images=10,
+                              llm=dataclasses.replace(MODEL.llm, vocab_size=4106))
+  conv = converter(512, split, model=model)
+  assert (conv.row_end_id, conv.crop_indicator_base) == (None, 4097)
+  marker = MODEL.image_placeholder_id
+  prepared = conv.prepare({"tokens": np.array([20, marker, 21, 1]),
+                           "loss_mask": np.array([0, 0, 1, 1]), "images": numbered_slots(10),
+                           "image_layouts": np.array([[3, 3]])})
+  (row,) = conv.convert(prepared) or conv.flush()
+  targets = row["decoder_target_tokens"]
+  check_image_placeholders(targets[None], row["image_mask"][None], MODEL.num_image_tokens, marker)
+  np.testing.assert_array_equal(row["images"][:, 0, 0, 0], np.arange(10))
+  indicators = np.flatnonzero(targets >= 4097)
+  assert targets[indicators].tolist() == list(range(4097, 4106))
+  # Each indicator directly precedes its crop's run; the overview (last) has none.
+  run = MODEL.num_image_tokens
+  assert (np.diff(indicators) == run + 1).all()
+  assert (targets[indicators + 1] == marker).all()
+  assert (targets[indicators[-1] + run + 1:][:run] == marker).all()
+  assert not row["decoder_loss_weights"][indicators].any()
+  too_small = dataclasses.replace(model, llm=dataclasses.replace(MODEL.llm, vocab_size=4100))
+  with pytest.raises(ConfigError, match=r"image_crop_indicators: the <crop row,col> tokens of a "
+                                        r"grid side of 3 take ids 4097..4105 .*vocab_size "
+                                        r">= 4106"):
+    converter(512, split, model=too_small)
+
+
 def numbered_slots(count):
   """[count, S, S, 3] images whose pixels are their index (to track order)."""
   return np.broadcast_to(np.arange(count, dtype=np.uint8)[:, None, None, None],
@@ -196,6 +242,8 @@ def test_tokens_and_slots_per_image():
       (InputConfig(image_start_end=True), 1, 18),
       (InputConfig(image_split="mm1", image_grids=((3, 3),)), 10, 160),
       (InputConfig(image_split="mm1", image_grids=((2, 2),), image_row_end=True), 5, 82),
+      (InputConfig(image_split="mm1", image_grids=((3, 3),), image_row_end=True,
+                   image_crop_indicators=True), 10, 172),
       (InputConfig(image_split="anyres", image_grids=((1, 2), (2, 2), (1, 3)),
                    image_start_end=True), 5, 90),
   ]
@@ -212,6 +260,7 @@ def test_tokens_and_slots_per_image():
     ({"image_split": "anyres", "image_grids": ((1, 2), (1, 2))}, "twice"),
     ({"image_split": "mm1", "image_overview": "middle"}, "data.image_overview"),
     ({"image_row_end": True}, "data.image_row_end: set, but"),
+    ({"image_crop_indicators": True}, "data.image_crop_indicators: set, but"),
 ])
 def test_bad_split_configs_are_refused(override, match):
   with pytest.raises(ConfigError, match=match):
@@ -239,6 +288,11 @@ def test_row_end_token_needs_an_embedding_row_before_training():
     experiment.Experiment.from_config(config)
   config.model.llm.vocab_size = 4097
   experiment.Experiment.from_config(config)
+  config.data.image_crop_indicators = True
+  with pytest.raises(ConfigError, match=r"take ids 4097..4105 .*vocab_size >= 4106"):
+    experiment.Experiment.from_config(config)
+  config.model.llm.vocab_size = 4106
+  experiment.Experiment.from_config(config)
 
 
 def test_pipeline_batches_hold_every_sub_image():
@@ -261,29 +315,33 @@ def test_pipeline_batches_hold_every_sub_image():
   plain.close()
 
 
-def test_fewshot_prompts_split_images_as_training_does():
+@pytest.mark.parametrize("crop_indicators", [False, True])
+def test_fewshot_prompts_split_images_as_training_does(crop_indicators):
   from mm1_jax.evaluation import fewshot
-  split = scheme("mm1", ((2, 2),))
-  evaluation_set = fewshot.FewShotEvaluationSet("easy_vqa_vqa", MODEL, num_shots=1,
+  split = scheme("mm1", ((2, 2),), crop_indicators=crop_indicators)
+  # Room for <crop 0,0>..<crop 1,1> at 4097..4100.
+  model = dataclasses.replace(MODEL, llm=dataclasses.replace(MODEL.llm, vocab_size=4101))
+  evaluation_set = fewshot.FewShotEvaluationSet("easy_vqa_vqa", model, num_shots=1,
                                                 max_queries=2, image_split=split)
   prompt = evaluation_set[0]
   assert prompt.image_mask.sum() == 10  # 2 images x (4 crops + overview).
   marker = MODEL.image_placeholder_id
   assert np.count_nonzero(prompt.tokens == marker) == 10 * MODEL.num_image_tokens
+  assert np.count_nonzero(prompt.tokens >= 4097) == (8 if crop_indicators else 0)
   # The same ids through the training converter give the same layout.
   query = evaluation_set.queries[0]
   demonstration = evaluation_set.train[prompt.demonstration_indices[0]]
   ids = evaluation_set.prompt_ids(query, [demonstration])
   encoded = list(demonstration.images) + list(query.images)
   images, layouts = fewshot.decode_images(encoded, MODEL, "stretch", split)
-  prepared = converter(4096, split).prepare(
+  prepared = converter(4096, split, model=model).prepare(
       {"tokens": np.append(ids, 1), "loss_mask": np.ones(len(ids) + 1),
        "images": images, "image_layouts": layouts})
   np.testing.assert_array_equal(prompt.tokens[1:], prepared["tokens"][:-1])
   np.testing.assert_array_equal(prompt.images[:10], images)
   with pytest.raises(ValueError, match=r"max_images is 9; use num_shots <= 0 or set "
                                        r"model.max_images >= 10"):
-    fewshot.FewShotEvaluationSet("easy_vqa_vqa", dataclasses.replace(MODEL, max_images=9),
+    fewshot.FewShotEvaluationSet("easy_vqa_vqa", dataclasses.replace(model, max_images=9),
                                  num_shots=1, max_queries=2, image_split=split)
 
 
