@@ -83,8 +83,10 @@ def resolution_suite(preset, long=False):
               Variant("3x3 crops + overview (MM1 split)", split),
               # LLaVA-NeXT's row ends: which crop is which cell, told by structure.
               Variant("split + row-end tokens", {**split, "data.image_row_end": True}),
-              # MM1.5's indicators: which crop is which cell, told by a token.
-              Variant("split + crop indicators", {**split, "data.image_crop_indicators": True}))
+              # MM1.5's indicators: which crop is which cell, told by a token;
+              # 9 more tokens than the 192 a split question needs at most.
+              Variant("split + crop indicators", {**split, "data.image_crop_indicators": True,
+                                                  "data.seq_len": 208}))
   # Room for the <image_row_end> and <crop r,c> ids after the tokenizer's
   # 4,096 (embedding rows in every stage, so that each variant can start from
   # the one pre-training).
