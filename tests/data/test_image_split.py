@@ -379,3 +379,12 @@ def test_generate_reads_and_lays_out_split_images(tmp_path):
   small = dataclasses.replace(MODEL, max_images=3)
   with pytest.raises(generate.GenerateInputError, match="1 images in 4 sub-images"):
     generate.layout_prompt(ids, [image], small, data, tasks.VOCABULARY)
+  # With row ends and crop indicators (ids 4096 and 4097..4105 for grid side 3)
+  # the whole prompt is laid out as training lays it out.
+  marked = dataclasses.replace(data, image_row_end=True, image_crop_indicators=True)
+  roomy = dataclasses.replace(MODEL, llm=dataclasses.replace(MODEL.llm, vocab_size=4106))
+  tokens = generate.layout_prompt(ids, [image], roomy, marked, tasks.VOCABULARY)
+  extra = tokens[tokens >= 4096].tolist()
+  assert extra == [4097, 4098, 4099, 4096]  # <crop 0,0..2>, then the row's end.
+  # The 0 start token, the text around the marker, 4 runs, 4 inserted tokens.
+  assert len(tokens) == 1 + (len(ids) - 1) + 4 * MODEL.num_image_tokens + 4
