@@ -167,7 +167,7 @@ def layout_prompt(ids: np.ndarray, images: Sequence[PromptImage], model_config, 
   their slots exceed model.max_images.
   """
   from mm1_jax.data import packing, tokenizer
-  from mm1_jax.data.config import SplitScheme
+  from mm1_jax.data.config import SplitScheme, tokens_per_image
   from mm1_jax.data.converter import MultimodalFeatureConverter
 
   ids = np.asarray(ids, np.int32)
@@ -182,10 +182,10 @@ def layout_prompt(ids: np.ndarray, images: Sequence[PromptImage], model_config, 
             f"{num_markers} images in {len(slots)} sub-images (data.image_split)")
     raise GenerateInputError(f"the prompt has {what}; the model takes at most "
                              f"max_images={model_config.max_images}.")
-  # An upper bound of the expanded length (runs with start/end tokens, row
-  # ends, crop indicators, the EOS below), so the converter's fitting never
-  # cuts the prompt.
-  seq_len = len(ids) + 1 + len(slots) * (model_config.num_image_tokens + 4)
+  # An upper bound of the expanded length (each image's most tokens, the EOS
+  # below), so the converter's fitting never cuts the prompt.
+  seq_len = len(ids) + 1 + num_markers * tokens_per_image(data_config,
+                                                          model_config.num_image_tokens)
   scheme = SplitScheme.from_config(data_config)
   converter = MultimodalFeatureConverter(model_config, vocabulary, seq_len, pack=False,
                                          image_start_end=data_config.image_start_end,

@@ -79,19 +79,20 @@ def resolution_suite(preset, long=False):
   test question (~40 minutes a seed on 2 CPU cores)."""
   quick = preset == "quick"
   split = {"data.image_split": "mm1", "data.image_grids": ((3, 3),)}
+  if long:
+    # MM1.5's indicators: which crop is which cell, told by a token; 9 more
+    # tokens than the 192 a split question needs at most.
+    marked = Variant("split + crop indicators", {**split, "data.image_crop_indicators": True,
+                                                 "data.seq_len": 208})
+  else:
+    # LLaVA-NeXT's row ends: which crop is which cell, told by structure.
+    marked = Variant("split + row-end tokens", {**split, "data.image_row_end": True})
   variants = (Variant("64 px (mosaic downscaled)", {"data.image_split": "none"}),
-              Variant("3x3 crops + overview (MM1 split)", split),
-              # LLaVA-NeXT's row ends: which crop is which cell, told by structure.
-              Variant("split + row-end tokens", {**split, "data.image_row_end": True}),
-              # MM1.5's indicators: which crop is which cell, told by a token;
-              # 9 more tokens than the 192 a split question needs at most.
-              Variant("split + crop indicators", {**split, "data.image_crop_indicators": True,
-                                                  "data.seq_len": 208}))
+              Variant("3x3 crops + overview (MM1 split)", split), marked)
   # Room for the <image_row_end> and <crop r,c> ids after the tokenizer's
   # 4,096 (embedding rows in every stage, so that each variant can start from
   # the one pre-training).
   vocab = {"model.llm.vocab_size": 4160}
-  variants = (variants[0], variants[1], variants[3]) if long else variants[:3]
   num_steps = 2 if quick else (2000 if long else 400)
   return Suite(
       name="mm1_encoder_mosaic" + ("_long" if long else ""),

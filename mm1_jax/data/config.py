@@ -133,12 +133,11 @@ def _validate_image_split(c: InputConfig) -> None:
   if c.image_overview not in ("", "first", "last"):
     raise ConfigError(f"data.image_overview: {c.image_overview!r} is not 'first', 'last' or "
                       "'' (the scheme's own place).")
-  if c.image_split == "none" and (c.image_overview or c.image_row_end
-                                  or c.image_crop_indicators):
-    field = ("image_overview" if c.image_overview else
-             "image_row_end" if c.image_row_end else "image_crop_indicators")
-    raise ConfigError(f"data.{field}: set, but data.image_split='none' does not split images; "
-                      "set image_split='mm1' or 'anyres', or unset it.")
+  if c.image_split == "none":
+    for field in ("image_overview", "image_row_end", "image_crop_indicators"):
+      if getattr(c, field):
+        raise ConfigError(f"data.{field}: set, but data.image_split='none' does not split "
+                          "images; set image_split='mm1' or 'anyres', or unset it.")
 
 
 def split_token_ids(scheme: "SplitScheme | None", tokenizer_size: int,
